@@ -1,0 +1,1 @@
+"""Checkpoint save/load (dist_checkpointing), atomic commit and `latest`."""

@@ -1,0 +1,163 @@
+"""Checkpoints through megatron-core ``dist_checkpointing`` (torch_dist format).
+
+Layout of ``<run>/checkpoints``::
+
+    iter_0000020/          one complete checkpoint (model, optimizer, scheduler,
+      meta.json            iteration, tokens, data position, config, tokenizer)
+      rng/rank_00000.pt    per-rank RNG state (restored when the layout matches)
+    latest                 text file naming the newest complete checkpoint
+
+Atomicity: every rank writes into ``iter_N.tmp`` and only after a barrier does
+rank 0 write ``meta.json``, rename the directory and then replace ``latest``
+(write-new + ``os.replace``).  A job killed at any moment leaves ``latest``
+naming a complete checkpoint, and a half-written ``*.tmp`` is never loaded.
+Because shards are addressed by global keys, a checkpoint loads at any
+TP/PP/VPP/EP/DP layout (megatron-core reshards on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron_ernie.checkpoint import rng
+
+LATEST = "latest"
+META = "meta.json"
+# Optimizer state keyed by model parameter, so it reshards like the model.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Meta:
+    iteration: int
+    consumed_samples: int
+    consumed_tokens: int
+    layout: dict  # the parallel layout it was saved with
+    extra: dict  # scheduler state, config, tokenizer file name, ...
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def model_state(model_chunks) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def full_state(model_chunks, optimizer, is_loading: bool) -> dict:
+    state = model_state(model_chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                          metadata=dict(_OPTIM_METADATA))
+    return state
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+
+
+def save(root, meta: Meta, model_chunks, optimizer, keep_last: int = 0, files: dict | None = None) -> Path:
+    """Save a complete checkpoint for ``meta.iteration``; returns its directory."""
+    root = Path(root)
+    final = iteration_dir(root, meta.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(full_state(model_chunks, optimizer, is_loading=False), str(tmp))
+    rng.save(tmp)
+    _barrier()
+    if _rank() == 0:
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        _write_json_atomic(tmp / META, meta.__dict__)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all)."""
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep_last] if keep_last else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_latest(root) -> Path | None:
+    """The checkpoint ``latest`` names, or None for a fresh run."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / META).is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing; "
+                              f"point it at a complete iter_* directory or remove it to start fresh")
+    return path
+
+
+def read_meta(path) -> Meta:
+    path = Path(path)
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META}); "
+                              f"pass a directory like <run>/checkpoints/iter_0000020")
+    return Meta(**json.loads((path / META).read_text()))
+
+
+def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
+    """Load weights (and optimizer state if given) from ``path`` at the current layout."""
+    meta = read_meta(path)
+    state = full_state(model_chunks, optimizer, is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as err:  # megatron reports missing/mismatched shards deep in its stack
+        raise CheckpointError(f"cannot load {path}: {err}. Check that the model config matches the "
+                              f"checkpoint's (see {path / META})") from err
+    for i, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if restore_rng:
+        rng.load(path, meta.layout)
+    return meta

@@ -1,0 +1,82 @@
+"""`ernie`: the command-line entry point.
+
+Parses arguments, loads the config, dispatches to a package function; nothing
+else.  Run distributed subcommands under ``torchrun`` or ``srun``::
+
+    torchrun --nproc_per_node=2 -m megatron_ernie.cli pretrain --config configs/tiny_cpu.toml
+    ernie show-config --config configs/tiny_cpu.toml --set train.iters=100
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_ernie import config as C
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file (defaults apply where it is silent)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set train.iters=100 (repeatable)")
+
+
+def _load(args) -> C.ErnieConfig:
+    cfg = C.load(args.config, args.overrides)
+    C.validate(cfg)
+    return cfg
+
+
+def cmd_pretrain(args) -> int:
+    from megatron_ernie.train.loop import pretrain
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    args.overrides = overrides
+    return pretrain(_load(args))
+
+
+def cmd_show_config(args) -> int:
+    cfg = _load(args)
+    if args.world_size:
+        C.validate(cfg, args.world_size)
+    print(C.dumps(cfg))
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from megatron_ernie.data.preprocess import main
+
+    return main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ernie", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="(elastic) MoE pretraining; run under torchrun or srun")
+    _add_config_args(p)
+    p.add_argument("--resume", choices=["auto", "none"], help="auto: continue from <run.dir>/checkpoints/latest")
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("show-config", help="print the resolved config (after --set), validated")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, default=0, help="also check the layout for this many processes")
+    p.set_defaults(func=cmd_show_config)
+    p = sub.add_parser("preprocess", help="text/JSONL -> megatron indexed dataset (see --help)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_preprocess)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except C.ConfigError as err:
+        print(f"ernie: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

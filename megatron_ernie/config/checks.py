@@ -1,0 +1,64 @@
+"""Rules that relate two config sections, checked before any process starts work.
+
+Each rule names the field to change.  They mirror what megatron-core would
+otherwise assert (deep inside model construction) or silently accept.
+"""
+
+from __future__ import annotations
+
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.runtime.dims import dims_from_config
+
+
+def _check(cond: bool, field: str, value, fix: str) -> None:
+    if not cond:
+        raise ConfigError(field, value, fix)
+
+
+def check_model_vs_parallel(model, moe, par) -> None:
+    tp, pp, vpp = par.tensor, par.pipeline, par.virtual_pipeline
+    _check(model.num_attention_heads % tp == 0, "model.num_attention_heads", model.num_attention_heads,
+           f"must be divisible by parallel.tensor={tp}")
+    _check(model.num_query_groups % tp == 0, "model.num_query_groups", model.num_query_groups,
+           f"must be divisible by parallel.tensor={tp}")
+    _check(model.ffn_hidden_size % tp == 0, "model.ffn_hidden_size", model.ffn_hidden_size,
+           f"must be divisible by parallel.tensor={tp}")
+    _check(model.num_layers % (pp * vpp) == 0, "model.num_layers", model.num_layers,
+           f"must be divisible by pipeline*virtual_pipeline = {pp}*{vpp}")
+    if par.sequence_parallel or (moe.num_experts and tp > 1):
+        _check(model.seq_length % tp == 0, "model.seq_length", model.seq_length,
+               f"sequence parallelism needs it divisible by parallel.tensor={tp}")
+    _check(par.context == 1, "parallel.context", par.context,
+           "context parallelism needs Transformer Engine attention; use 1 on this build")
+
+
+def check_moe_vs_parallel(model, moe, par) -> None:
+    if moe.num_experts == 0:
+        _check(par.expert == 1, "parallel.expert", par.expert, "expert parallelism needs moe.num_experts > 0")
+        return
+    _check(moe.num_experts % par.expert == 0, "moe.num_experts", moe.num_experts,
+           f"must be divisible by parallel.expert={par.expert}")
+    _check(moe.expert_ffn_hidden_size % par.expert_tensor_size == 0, "moe.expert_ffn_hidden_size",
+           moe.expert_ffn_hidden_size, f"must be divisible by parallel.expert_tensor={par.expert_tensor_size}")
+    _check(moe.first_dense_layers < model.num_layers, "moe.first_dense_layers", moe.first_dense_layers,
+           f"must be smaller than model.num_layers={model.num_layers}")
+    _check(par.tensor == 1 or par.sequence_parallel, "parallel.sequence_parallel", par.sequence_parallel,
+           "megatron-core requires sequence parallelism for MoE with tensor parallelism; set it to true")
+    if moe.grouped_gemm:
+        raise ConfigError("moe.grouped_gemm", True, "grouped GEMM needs Transformer Engine on a GPU; set it to false")
+
+
+def check_batch(train, par, world: int) -> int:
+    """Returns the number of micro-batches per step."""
+    dims = dims_from_config(par, world)
+    n = dims.num_microbatches(train.global_batch_size, train.micro_batch_size)
+    if par.virtual_pipeline > 1:
+        _check(n % par.pipeline == 0, "train.global_batch_size", train.global_batch_size,
+               f"interleaved pipelining needs the micro-batch count ({n}) divisible by parallel.pipeline={par.pipeline}")
+    return n
+
+
+def check_all(cfg, world: int) -> None:
+    check_model_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
+    check_moe_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
+    check_batch(cfg.train, cfg.parallel, world)

@@ -1,0 +1,49 @@
+"""Start and stop torch.distributed for one job.
+
+The launcher's environment (torchrun, Slurm's srun, mpirun) is translated
+into torch's ``env://`` variables by ``runtime.env``; here we pick the backend
+(NCCL with GPUs, gloo without) and apply the CPU compatibility layer before
+megatron-core runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatron_ernie.runtime import cpu_compat
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(timeout_s: int = 600) -> int:
+    """Initialise the default process group from the environment; returns the world size."""
+    _export_launcher_env()
+    cpu_compat.apply()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_world_size()
+
+
+def _export_launcher_env() -> None:
+    """Fill RANK/WORLD_SIZE/MASTER_* from Slurm or MPI when not launched by torchrun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    try:
+        from megatron_ernie.runtime import env as launcher_env
+    except ImportError:  # pragma: no cover - env.py always ships
+        return
+    launcher_env.export_torch_env(launcher_env.discover(os.environ))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,195 @@
+"""The pretraining loop: setup, iterate, evaluate, checkpoint.
+
+Build order (torchtitan-style, one named step each): distributed init ->
+config checks -> process groups -> seeds -> data -> model -> optimizer and
+schedule -> resume -> observers.  ``pretrain`` is the whole job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from megatron_ernie import config as C
+from megatron_ernie.checkpoint import store
+from megatron_ernie.data.loader import BatchLayout, iter_global_batches
+from megatron_ernie.data.pipeline import setup_data
+from megatron_ernie.model.build import build_model
+from megatron_ernie.observe.console import IterationStats, StepTimer, format_iteration, setup_logging
+from megatron_ernie.observe.expert_load import ExpertLoadTracker
+from megatron_ernie.observe.tensorboard import make_writer
+from megatron_ernie.runtime import distributed, groups as G
+from megatron_ernie.runtime.dims import dims_from_config
+from megatron_ernie.train import step as S
+from megatron_ernie.train.optim import build_optimizer, build_scheduler
+from megatron_ernie.train.signals import EXIT_PREEMPTED, StopFlag
+
+log = logging.getLogger("megatron_ernie")
+
+
+@dataclass
+class Progress:
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    losses: list = field(default_factory=list)
+    eval_losses: list = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    cfg: C.ErnieConfig
+    groups: G.Groups
+    data: object
+    tconfig: object
+    model: list
+    optimizer: object
+    scheduler: object
+    progress: Progress
+    writer: object
+    experts: ExpertLoadTracker
+    stop: StopFlag
+
+    @property
+    def ckpt_root(self) -> Path:
+        return Path(self.cfg.run.dir) / "checkpoints"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        t = self.cfg.train
+        n = self.groups.dims.num_microbatches(t.global_batch_size, t.micro_batch_size)
+        return n, self.cfg.model.seq_length, t.micro_batch_size
+
+
+def _num_samples(train) -> tuple[int, int, int]:
+    evals = train.eval_iters * train.global_batch_size
+    return train.iters * train.global_batch_size, max(evals, 1), max(evals, 1)
+
+
+def setup(cfg: C.ErnieConfig, model_extra: dict | None = None) -> Run:
+    world = distributed.init_distributed()
+    C.validate(cfg, world)
+    groups = G.build_groups(dims_from_config(cfg.parallel, world))
+    setup_logging(cfg.log.level, groups.is_logging_rank)
+    torch.manual_seed(cfg.run.seed)
+    G.model_parallel_seed(cfg.run.seed)
+    data = setup_data(cfg.data, cfg.model.seq_length, _num_samples(cfg.train))
+    tconfig, model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, data.tokenizer.vocab_size,
+                                 cfg.run.seed, **(model_extra or {}))
+    optimizer = build_optimizer(cfg.optimizer, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.iters)
+    run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(),
+              make_writer(cfg.log.tensorboard, groups.is_logging_rank, Path(cfg.run.dir) / "tensorboard"),
+              ExpertLoadTracker(model), StopFlag())
+    _write_run_files(run)
+    resume(run)
+    return run
+
+
+def _write_run_files(run: Run) -> None:
+    if G.global_rank() == 0:
+        C.save_resolved(run.cfg, run.cfg.run.dir)
+        run.data.tokenizer.save(str(Path(run.cfg.run.dir) / "tokenizer.json"))
+
+
+def resume(run: Run) -> None:
+    """Continue from checkpoint.load or from <run>/checkpoints/latest (resume=auto)."""
+    ck = run.cfg.checkpoint
+    path = store.find_latest(run.ckpt_root) if ck.resume == "auto" else None
+    path = path or (Path(ck.load) if ck.load else None)
+    if path is None:
+        return
+    meta = store.load(path, run.model, run.optimizer)
+    run.scheduler.load_state_dict(meta.extra["scheduler"])
+    run.progress = Progress(meta.iteration, meta.consumed_samples, meta.consumed_tokens)
+    log.info(f"resumed from {path} at iteration {meta.iteration} "
+             f"({meta.consumed_tokens} tokens, saved at layout {meta.layout})")
+
+
+def save_checkpoint(run: Run) -> Path:
+    p = run.progress
+    meta = store.Meta(iteration=p.iteration, consumed_samples=p.consumed_samples,
+                      consumed_tokens=p.consumed_tokens, layout=G.current_layout(),
+                      extra={"scheduler": run.scheduler.state_dict(), "config": C.loader.to_dict(run.cfg)})
+    files = {"config.toml": Path(run.cfg.run.dir) / "config.toml",
+             "tokenizer.json": Path(run.cfg.run.dir) / "tokenizer.json"}
+    path = store.save(run.ckpt_root, meta, run.model, run.optimizer, run.cfg.checkpoint.keep_last, files)
+    log.info(f"saved checkpoint {path}")
+    return path
+
+
+def evaluate(run: Run) -> float:
+    t = run.cfg.train
+    layout = BatchLayout(t.global_batch_size, t.micro_batch_size, run.groups.dims.dp, run.groups.dp_rank)
+    total, tokens = 0.0, 0
+    for _, batches in zip(range(t.eval_iters), iter_global_batches(run.data.valid, layout, 0)):
+        r = S.eval_step(run.model, batches, run.shape, run.groups)
+        total, tokens = total + r.loss * r.tokens, tokens + r.tokens
+    loss = total / max(tokens, 1)
+    run.progress.eval_losses.append((run.progress.iteration, loss))
+    run.writer.scalar("eval/loss", loss, run.progress.iteration)
+    log.info(f"validation at iteration {run.progress.iteration} | loss {loss:.6f} | ppl {math.exp(min(loss, 50)):.2f}")
+    return loss
+
+
+def _log_iteration(run: Run, result: S.StepResult, seconds: float) -> None:
+    p, t = run.progress, run.cfg.train
+    lr = run.optimizer.param_groups[0]["lr"]
+    stats = IterationStats(p.iteration, t.iters, p.consumed_tokens, result.loss, lr,
+                           result.grad_norm, result.tokens / seconds, seconds * 1000)
+    experts = run.experts.reduce_and_reset([run.groups.pgs.tp, run.groups.pgs.dp_cp])
+    if p.iteration % run.cfg.log.interval == 0:
+        log.info(format_iteration(stats))
+    run.writer.scalars({"train/loss": result.loss, "train/lr": stats.lr, "train/grad_norm": result.grad_norm,
+                        "train/tokens_per_s": stats.tokens_per_s, "train/iteration_ms": stats.ms_per_iter,
+                        "system/memory_mb": psutil.Process().memory_info().rss / 2**20, **experts}, p.iteration)
+
+
+def _due(iteration: int, interval: int) -> bool:
+    return interval > 0 and iteration % interval == 0
+
+
+def train(run: Run) -> int:
+    """Iterate to train.iters; returns the process exit code."""
+    t, p = run.cfg.train, run.progress
+    layout = BatchLayout(t.global_batch_size, t.micro_batch_size, run.groups.dims.dp, run.groups.dp_rank)
+    timer = StepTimer()
+    batches = iter_global_batches(run.data.train, layout, p.consumed_samples)
+    while p.iteration < t.iters:
+        result = S.train_step(run.model, run.optimizer, run.scheduler, next(batches), run.shape, run.groups)
+        p.iteration += 1
+        p.consumed_samples += t.global_batch_size
+        p.consumed_tokens += result.tokens
+        p.losses.append(result.loss)
+        S.check_finite(result, p.iteration)
+        _log_iteration(run, result, timer.lap())
+        if _due(p.iteration, t.eval_interval):
+            evaluate(run)
+        if _due(p.iteration, run.cfg.checkpoint.save_interval):
+            save_checkpoint(run)
+        if run.stop.agreed():
+            log.warning(f"stop signal received: saving at iteration {p.iteration} and exiting for requeue")
+            save_checkpoint(run)
+            return EXIT_PREEMPTED
+        timer.lap()  # evaluation and saving do not count towards the next iteration's time
+    if run.cfg.checkpoint.save_on_exit and not _due(p.iteration, run.cfg.checkpoint.save_interval):
+        save_checkpoint(run)
+    return 0
+
+
+def pretrain(cfg: C.ErnieConfig) -> int:
+    """The whole pretraining job; returns the exit code."""
+    run = setup(cfg)
+    try:
+        code = train(run)
+        run.writer.flush()
+        return code
+    finally:
+        run.writer.close()
+        distributed.shutdown()
