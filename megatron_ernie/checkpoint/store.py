@@ -32,7 +32,7 @@ from megatron_ernie.checkpoint import rng
 LATEST = "latest"
 META = "meta.json"
 # Optimizer state keyed by model parameter, so it reshards like the model.
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
@@ -52,10 +52,15 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
+def _unwrap(chunk):
+    """The GPTModel inside megatron-core's DDP wrapper (checkpoint keys are the model's)."""
+    return getattr(chunk, "module", chunk)
+
+
 def model_state(model_chunks) -> dict:
     if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
 def full_state(model_chunks, optimizer, is_loading: bool) -> dict:
@@ -155,7 +160,7 @@ def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
         raise CheckpointError(f"cannot load {path}: {err}. Check that the model config matches the "
                               f"checkpoint's (see {path / META})") from err
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+        _unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if restore_rng:

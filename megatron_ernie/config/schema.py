@@ -180,12 +180,14 @@ class TrainConfig:
     micro_batch_size: int = 2
     eval_interval: int = 20
     eval_iters: int = 2
+    exit_interval: int = 0  # stop (with a checkpoint) after this many iterations of this job; 0 = never
 
     def validate(self, path: str) -> None:
         for name in ("iters", "global_batch_size", "micro_batch_size"):
             _positive(f"{path}.{name}", getattr(self, name))
         _require(self.eval_interval >= 0, f"{path}.eval_interval", self.eval_interval, "use 0 to disable")
         _require(self.eval_iters >= 0, f"{path}.eval_iters", self.eval_iters, "must be >= 0")
+        _require(self.exit_interval >= 0, f"{path}.exit_interval", self.exit_interval, "use 0 to disable")
 
 
 @dataclass(frozen=True)

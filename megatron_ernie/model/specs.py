@@ -17,6 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_ernie.model import norm
+from megatron_ernie.model.router import ErnieTopKRouter
 
 
 @lru_cache(maxsize=1)
@@ -56,6 +57,10 @@ def decoder_block_spec(tconfig, use_te: bool, vp_stage: int | None, extra: dict 
     """The decoder block spec for this rank's layers (and virtual chunk)."""
     spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=use_te,
                                       normalization=tconfig.normalization, vp_stage=vp_stage)
-    replacements = {} if use_te else local_replacements(tconfig.normalization)
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    replacements = {TopKRouter: ErnieTopKRouter}
+    if not use_te:
+        replacements.update(local_replacements(tconfig.normalization))
     replacements.update(extra or {})
-    return substitute(spec, replacements) if replacements else spec
+    return substitute(spec, replacements)

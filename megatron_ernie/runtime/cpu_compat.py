@@ -53,6 +53,12 @@ PATCHES = (
           "treat CPU tensors the same way, so gloo receives host lists exactly as NCCL does on GPU"),
     Patch("backward_in_mode", "(device mode) ops inside autograd backward see the mode",
           "Tensor.backward/autograd.backward run the engine with the mode re-entered"),
+    Patch("uneven_all_gather", "all_gather accepts per-rank sizes (NCCL does; gloo refuses)",
+          "expert-TP token gathers pad each rank's rows to the largest, gather, then cut the padding off"),
+    Patch("torch_adam_state", "the distributed optimizer wraps TE/apex FusedAdam (step in param_groups)",
+          "with torch AdamW: create empty Adam state (own step tensor per param) before a load reads "
+          "state_dict(), and give every param its own step tensor after a load (megatron-core assigns "
+          "one shared tensor, which AdamW then increments once per param per step)"),
     Patch("tensor_type_check", "grads checked with tensor.type() == 'torch.cuda.FloatTensor'",
           "report the CUDA type name for CPU tensors of the same dtype"),
 )
@@ -178,6 +184,67 @@ def _patch_moe_host_splits():
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
 
 
+def _patch_uneven_all_gather():
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        rows = max(output_split_sizes)
+        padded = input_.new_zeros((rows, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in range(group.size())]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, output_split_sizes)], dim=0)
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+
+
+def _ensure_adam_state(optimizer) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+
+
+def _patch_torch_adam_state():
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", False):
+        return
+    cls = dopt.DistributedOptimizer
+    original_state_dict, original_load = cls.state_dict, cls.load_state_dict
+    original_set = cls._set_main_param_and_optimizer_states
+
+    def state_dict(self):
+        _ensure_adam_state(self.optimizer)
+        return original_state_dict(self)
+
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        # the checkpoint carries no per-param "step" (it lives in param_groups); keep ours
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state[main_param].get("step")
+        if step is not None and "step" not in tensors:
+            tensors = {**tensors, "step": step.clone()}
+        return original_set(self, model_param, tensors)
+
+    cls.state_dict, cls.load_state_dict = state_dict, load_state_dict
+    cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+
+
 # ------------------------------------------------------------------ device mode
 def _is_cuda_device(device) -> bool:
     if isinstance(device, int):
@@ -245,6 +312,8 @@ def apply() -> bool:
     _patch_cuda_api()
     _patch_moe_te_gemm_name()
     _patch_moe_host_splits()
+    _patch_uneven_all_gather()
+    _patch_torch_adam_state()
     _enter_device_mode()
     _applied = True
     return True

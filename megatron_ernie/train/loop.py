@@ -161,7 +161,8 @@ def train(run: Run) -> int:
     layout = BatchLayout(t.global_batch_size, t.micro_batch_size, run.groups.dims.dp, run.groups.dp_rank)
     timer = StepTimer()
     batches = iter_global_batches(run.data.train, layout, p.consumed_samples)
-    while p.iteration < t.iters:
+    last = min(t.iters, p.iteration + t.exit_interval) if t.exit_interval else t.iters
+    while p.iteration < last:
         result = S.train_step(run.model, run.optimizer, run.scheduler, next(batches), run.shape, run.groups)
         p.iteration += 1
         p.consumed_samples += t.global_batch_size

@@ -1,0 +1,93 @@
+"""The emulated FP8 linear layer: y = x W^T + b with TE's FP8 numerics, on any device.
+
+Forward quantises x and W with the recipe's forward format, dequantises and
+multiplies in fp32 (an FP8 tensor-core GEMM accumulates in fp32 too), adds the
+bias and returns the activation dtype. Backward quantises dy with the backward
+format and computes dgrad from (dy, W) and wgrad from (dy, x), each operand in
+the layout TE uses for that GEMM (see recipes.py). With wgrad_in_fp8 = False the
+wgrad GEMM uses the unquantised x and dy (TE's override_linear_precision).
+
+This function does no communication; megatron_linear.py wraps it with
+megatron-core's tensor-parallel collectives.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_ernie.precision.recipes import EmulatedRecipe, LinearScalingState
+
+
+def _fp32(operand) -> torch.Tensor:
+    return operand.float() if isinstance(operand, torch.Tensor) else operand.dequantize()
+
+
+def _fprop(x, weight, bias, recipe: EmulatedRecipe, state, amax_group, need_dgrad, need_wgrad):
+    """Forward GEMM; also returns the operands that backward needs (TE saves the same)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    x_fprop, x_wgrad = recipe.quantize_input(x2d, state, amax_group, need_wgrad)
+    w_fprop, w_dgrad = recipe.quantize_weight(weight, state, amax_group, need_dgrad)
+    out = x_fprop.dequantize() @ w_fprop.dequantize().t()
+    if bias is not None:
+        out = out + bias.float()
+    if need_wgrad and not recipe.wgrad_in_fp8:
+        x_wgrad = x2d.detach()
+    out = out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return out, w_dgrad, x_wgrad if need_wgrad else None
+
+
+class EmulatedFP8LinearFunction(torch.autograd.Function):
+    """autograd.Function for y = x W^T + b with FP8-quantised GEMM operands."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe: EmulatedRecipe, state, amax_group):
+        need_dgrad, need_wgrad = ctx.needs_input_grad[:2]
+        out, ctx.w_dgrad, ctx.x_wgrad = _fprop(
+            x, weight, bias, recipe, state, amax_group, need_dgrad, need_wgrad
+        )
+        ctx.recipe, ctx.state, ctx.amax_group = recipe, state, amax_group
+        ctx.x_meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_shape, x_dtype, w_dtype, b_dtype = ctx.x_meta
+        recipe = ctx.recipe
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])
+        need_dgrad, need_wgrad, need_bgrad = ctx.needs_input_grad[:3]
+        g_dgrad, g_wgrad = recipe.quantize_grad(
+            g2d, ctx.state, ctx.amax_group, need_dgrad, need_wgrad and recipe.wgrad_in_fp8
+        )
+        dx = dw = db = None
+        if need_dgrad:
+            dx = (g_dgrad.dequantize() @ ctx.w_dgrad.dequantize()).to(x_dtype).reshape(x_shape)
+        if need_wgrad:
+            g_w = g_wgrad if recipe.wgrad_in_fp8 else g2d
+            dw = (_fp32(g_w).t() @ _fp32(ctx.x_wgrad)).to(w_dtype)
+        if need_bgrad:
+            db = g2d.float().sum(dim=0).to(b_dtype)
+        ctx.w_dgrad = ctx.x_wgrad = None
+        return dx, dw, db, None, None, None
+
+
+def emulated_fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    recipe: EmulatedRecipe,
+    state: Optional[LinearScalingState] = None,
+    amax_group=None,
+) -> torch.Tensor:
+    """y = x W^T + b through the emulated FP8 GEMMs of `recipe`.
+
+    state: the layer's delayed-scaling meta (recipe.new_state()); None for
+    stateless recipes. amax_group: process group over which delayed scaling
+    max-reduces each amax (TE's fp8_group); None keeps amaxes local.
+    """
+    if state is None and recipe.stateful:
+        raise ValueError(f"recipe {recipe.name!r} keeps scaling state: pass state=recipe.new_state()")
+    if not torch.is_grad_enabled():  # inference (e.g. RL rollout): no backward operands
+        return _fprop(x, weight, bias, recipe, state, amax_group, False, False)[0]
+    return EmulatedFP8LinearFunction.apply(x, weight, bias, recipe, state, amax_group)

@@ -1,0 +1,360 @@
+"""Versioned messages between the RL roles (controller, rollout, reward, trainer).
+
+Every message is a small frozen dataclass with an explicit schema, checked on
+construction, so a malformed sample fails in the role that made it, not three
+processes later inside a loss.
+
+Wire format (little-endian), chosen to carry token and routing arrays without
+pickle (never unpickle what another process sent) and without extra packages:
+
+    magic b"ERL1" | u16 protocol version | u32 header length | header | payload
+
+(header padded with spaces and arrays with zero bytes to 8-byte alignment.)
+
+The header is UTF-8 JSON: {"type": name, "fields": {...}}. Arrays appear in
+"fields" as {"__array__": [dtype, shape, offset, nbytes]} pointing into the
+payload (raw bytes of a whitelisted dtype); a nested message appears as
+{"__message__": name, "fields": {...}}. Decoding checks the magic, the version,
+the type, the dtype whitelist and every bound, then re-runs the schema checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAGIC = b"ERL1"
+_PREAMBLE = struct.Struct("<4sHI")
+_MAX_HEADER_BYTES = 16 << 20
+_ALIGN = 8  # arrays start at multiples of 8 bytes, so decoding can view them in place
+_WIRE_DTYPES = {"<i2": np.int16, "<i4": np.int32, "<i8": np.int64, "<f4": np.float32, "|b1": np.bool_}
+
+# Outcome of scoring a sample. "ok": verified correct; "wrong"/"no_answer": checked and
+# incorrect / nothing to check; the rest: the program or the verifier failed (see detail).
+REWARD_STATUSES = ("ok", "wrong", "no_answer", "timeout", "crash", "memory", "process_limit",
+                   "output_limit", "sandbox_error", "error")
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class ProtocolError(ValueError):
+    """A message is malformed: names the field, the value and what was expected."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """The bytes were written by a different protocol version."""
+
+
+# ---------------------------------------------------------------- schema checks
+
+
+def _check(ok: bool, msg: str, name: str, value, expected: str) -> None:
+    if not ok:
+        shown = f"array{getattr(value, 'shape', '')}" if isinstance(value, np.ndarray) else repr(value)[:80]
+        raise ProtocolError(f"{msg}.{name} = {shown}: expected {expected}")
+
+
+def _scalar(msg, name: str, value, kind: type, minimum=None) -> None:
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value >= minimum
+    bound = f" >= {minimum}" if minimum is not None else ""
+    _check(ok, msg, name, value, f"{kind.__name__}{bound}")
+
+
+def _kind_ok(arr: np.ndarray, dtype) -> bool:
+    """Integers for integer fields, numbers for float fields, bools for masks (empty arrays fit all)."""
+    allowed = {"b": "b", "i": "iu", "f": "fiu"}[np.dtype(dtype).kind]
+    return arr.size == 0 or arr.dtype.kind in allowed
+
+
+def _array(obj, name: str, dtype, ndim: int, length: int | None = None, optional: bool = False):
+    """Coerce field `name` to a read-only array of `dtype` and check its rank and length."""
+    value = getattr(obj, name)
+    msg = type(obj).__name__
+    if value is None and optional:
+        return None
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        arr = None
+    _check(arr is not None and _kind_ok(arr, dtype) and arr.ndim == ndim, msg, name, value,
+           f"a {ndim}-d {np.dtype(dtype).name} array")
+    if np.dtype(dtype).kind == "i" and arr.size:
+        info = np.iinfo(dtype)
+        _check(info.min <= arr.min() and arr.max() <= info.max, msg, name, value, f"values within {info.dtype.name}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    arr.setflags(write=False)
+    if length is not None:
+        _check(arr.shape[0] == length, msg, name, value, f"length {length} along the first axis")
+    object.__setattr__(obj, name, arr)
+    return arr
+
+
+class Message:
+    """Base of all messages: encoding, decoding and type registry."""
+
+    registry: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Message.registry[cls.__name__] = cls
+
+    def to_bytes(self) -> bytes:
+        payload = bytearray()
+        header = json.dumps({"type": type(self).__name__, "fields": _encode_fields(self, payload)},
+                            separators=(",", ":"), allow_nan=False).encode()
+        header += b" " * (-(_PREAMBLE.size + len(header)) % _ALIGN)  # payload starts aligned
+        return _PREAMBLE.pack(MAGIC, PROTOCOL_VERSION, len(header)) + header + bytes(payload)
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        message = decode(data)
+        if not isinstance(message, cls):
+            raise ProtocolError(f"expected a {cls.__name__} message, got a {type(message).__name__}")
+        return message
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, eq=False)
+class PromptRequest(Message):
+    """Controller -> rollout: generate n_samples responses (one GRPO group) for a prompt.
+
+    reference is opaque to rollout and copied into every Sample for the verifier
+    (an exact answer, or JSON test cases for code tasks).
+    """
+
+    prompt_id: str
+    task: str
+    prompt_tokens: np.ndarray
+    n_samples: int
+    reference: str = ""
+    max_new_tokens: int = 0  # 0: the rollout engine's configured default
+
+    def __post_init__(self):
+        _scalar("PromptRequest", "prompt_id", self.prompt_id, str)
+        _scalar("PromptRequest", "task", self.task, str)
+        _array(self, "prompt_tokens", np.int32, 1)
+        _scalar("PromptRequest", "n_samples", self.n_samples, int, 1)
+        _scalar("PromptRequest", "reference", self.reference, str)
+        _scalar("PromptRequest", "max_new_tokens", self.max_new_tokens, int, 0)
+
+
+@dataclass(frozen=True, eq=False)
+class Sample(Message):
+    """Rollout -> reward: one generated response and what the trainer needs to learn from it.
+
+    rollout_logprobs: log pi_rollout(token) per response token, for importance
+      correction of the trainer/rollout mismatch and of staleness.
+    routed_experts: int16 [prompt + response tokens, MoE layers, top-k] expert ids
+      chosen at rollout, so the trainer can replay the same routing; None for
+      dense models. The final response token is never fed back through the model
+      during generation; engines may mark its row -1.
+    env_mask: bool [response tokens], True where the token came from the
+      environment (tool output) in an agent episode; those are not trained on.
+    """
+
+    prompt_id: str
+    sample_index: int
+    task: str
+    prompt_tokens: np.ndarray
+    response_tokens: np.ndarray
+    rollout_logprobs: np.ndarray
+    policy_version: int
+    routed_experts: np.ndarray | None = None
+    env_mask: np.ndarray | None = None
+    response_text: str = ""
+    reference: str = ""
+    finish_reason: str = "stop"
+
+    def __post_init__(self):
+        for name in ("prompt_id", "task", "response_text", "reference"):
+            _scalar("Sample", name, getattr(self, name), str)
+        _scalar("Sample", "sample_index", self.sample_index, int, 0)
+        _scalar("Sample", "policy_version", self.policy_version, int, 0)
+        prompt = _array(self, "prompt_tokens", np.int32, 1)
+        response = _array(self, "response_tokens", np.int32, 1)
+        _array(self, "rollout_logprobs", np.float32, 1, length=len(response))
+        _array(self, "env_mask", np.bool_, 1, length=len(response), optional=True)
+        _array(self, "routed_experts", np.int16, 3, length=len(prompt) + len(response), optional=True)
+        _check(self.finish_reason in FINISH_REASONS, "Sample", "finish_reason", self.finish_reason,
+               f"one of {FINISH_REASONS}")
+
+    def loss_mask(self) -> np.ndarray:
+        """1.0 for response tokens the policy produced, 0.0 for environment tokens."""
+        if self.env_mask is None:
+            return np.ones(len(self.response_tokens), dtype=np.float32)
+        return (~self.env_mask).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredSample(Message):
+    """Reward -> controller: a sample with its reward and why it got it (status, detail)."""
+
+    sample: Sample
+    reward: float
+    status: str
+    detail: str = ""
+
+    def __post_init__(self):
+        _check(isinstance(self.sample, Sample), "ScoredSample", "sample", self.sample, "a Sample")
+        _scalar("ScoredSample", "reward", self.reward, float)
+        object.__setattr__(self, "reward", float(self.reward))
+        _check(self.status in REWARD_STATUSES, "ScoredSample", "status", self.status, f"one of {REWARD_STATUSES}")
+        _scalar("ScoredSample", "detail", self.detail, str)
+
+
+@dataclass(frozen=True, eq=False)
+class WeightBucket(Message):
+    """One contiguous buffer of a weight push: which tensors it holds, in order."""
+
+    index: int
+    nbytes: int
+    dtype: str
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        _scalar("WeightBucket", "index", self.index, int, 0)
+        _scalar("WeightBucket", "nbytes", self.nbytes, int, 0)
+        _scalar("WeightBucket", "dtype", self.dtype, str)
+        object.__setattr__(self, "names", tuple(self.names))
+        _check(all(isinstance(n, str) for n in self.names), "WeightBucket", "names", self.names, "strings")
+
+
+@dataclass(frozen=True, eq=False)
+class WeightsReady(Message):
+    """Trainer -> rollout: policy `version` is published in these buckets."""
+
+    version: int
+    buckets: tuple[WeightBucket, ...]
+
+    def __post_init__(self):
+        _scalar("WeightsReady", "version", self.version, int, 0)
+        object.__setattr__(self, "buckets", tuple(self.buckets))
+        _check(all(isinstance(b, WeightBucket) for b in self.buckets), "WeightsReady", "buckets",
+               self.buckets, "WeightBucket messages")
+        _check([b.index for b in self.buckets] == list(range(len(self.buckets))), "WeightsReady", "buckets",
+               [b.index for b in self.buckets], "bucket indices 0..n-1 in order")
+
+
+@dataclass(frozen=True, eq=False)
+class Heartbeat(Message):
+    """Any role -> controller: I am alive (time is the sender's time.time())."""
+
+    role: str
+    rank: int
+    time: float
+
+    def __post_init__(self):
+        _scalar("Heartbeat", "role", self.role, str)
+        _scalar("Heartbeat", "rank", self.rank, int, 0)
+        _scalar("Heartbeat", "time", self.time, float)
+        object.__setattr__(self, "time", float(self.time))
+
+
+@dataclass(frozen=True, eq=False)
+class Shutdown(Message):
+    """Controller -> all: finish the current item and exit."""
+
+    reason: str = ""
+
+    def __post_init__(self):
+        _scalar("Shutdown", "reason", self.reason, str)
+
+
+# ---------------------------------------------------------------- codec
+
+
+def _encode_value(value, payload: bytearray):
+    if isinstance(value, np.ndarray):
+        dtype = value.dtype.str
+        if dtype not in _WIRE_DTYPES:
+            raise ProtocolError(f"cannot send an array of dtype {dtype}; allowed: {sorted(_WIRE_DTYPES)}")
+        data = np.ascontiguousarray(value).tobytes()
+        payload += bytes(-len(payload) % _ALIGN)
+        ref = [dtype, list(value.shape), len(payload), len(data)]
+        payload += data
+        return {"__array__": ref}
+    if isinstance(value, Message):
+        return {"__message__": type(value).__name__, "fields": _encode_fields(value, payload)}
+    if isinstance(value, (tuple, list)):
+        return [_encode_value(v, payload) for v in value]
+    return value
+
+
+def _encode_fields(message: Message, payload: bytearray) -> dict:
+    return {f.name: _encode_value(getattr(message, f.name), payload) for f in fields(message)}
+
+
+def _decode_array(ref, payload: memoryview) -> np.ndarray:
+    try:
+        dtype, shape, offset, nbytes = ref
+        dtype = np.dtype(_WIRE_DTYPES[dtype])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad array descriptor {ref!r}: {exc}") from None
+    if not all(type(n) is int and n >= 0 for n in (*shape, offset, nbytes)):
+        raise ProtocolError(f"bad array descriptor {ref!r}: sizes must be non-negative integers")
+    count = math.prod(shape)
+    if count * dtype.itemsize != nbytes or offset + nbytes > len(payload):
+        raise ProtocolError(f"array descriptor {ref!r} does not fit the {len(payload)}-byte payload")
+    arr = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return arr if arr.flags.aligned else arr.copy()
+
+
+def _decode_value(value, payload: memoryview):
+    if isinstance(value, dict) and "__array__" in value:
+        return _decode_array(value["__array__"], payload)
+    if isinstance(value, dict) and "__message__" in value:
+        return _build(value["__message__"], value.get("fields"), payload)
+    if isinstance(value, list):
+        return tuple(_decode_value(v, payload) for v in value)
+    if isinstance(value, dict):
+        raise ProtocolError(f"unexpected object in message: {value!r:.80}")
+    return value
+
+
+def _build(type_name: str, encoded: dict, payload: memoryview) -> Message:
+    cls = Message.registry.get(type_name)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_name!r}; known: {sorted(Message.registry)}")
+    names = {f.name for f in fields(cls)}
+    if not isinstance(encoded, dict) or not set(encoded) <= names:
+        raise ProtocolError(f"{type_name}: unexpected fields {sorted(set(encoded or {}) - names)}")
+    try:
+        return cls(**{k: _decode_value(v, payload) for k, v in encoded.items()})
+    except TypeError as exc:
+        raise ProtocolError(f"{type_name}: {exc}") from None
+
+
+def decode(data: bytes) -> Message:
+    """Bytes -> message of whatever type they hold; ProtocolError on anything malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"decode() takes bytes, got {type(data).__name__}")
+    view = memoryview(data)
+    if len(view) < _PREAMBLE.size:
+        raise ProtocolError(f"message too short ({len(view)} bytes)")
+    magic, version, header_len = _PREAMBLE.unpack_from(view)
+    if magic != MAGIC:
+        raise ProtocolError(f"not an RL protocol message (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolVersionError(
+            f"message has protocol version {version}, this process speaks {PROTOCOL_VERSION}: "
+            "start every RL role from the same megatron_ernie release")
+    end = _PREAMBLE.size + header_len
+    if header_len > _MAX_HEADER_BYTES or end > len(view):
+        raise ProtocolError(f"header length {header_len} exceeds the {len(view)}-byte message")
+    try:
+        header = json.loads(bytes(view[_PREAMBLE.size:end]))
+        type_name, encoded = header["type"], header["fields"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"unreadable message header: {exc}") from None
+    return _build(type_name, encoded, view[end:])

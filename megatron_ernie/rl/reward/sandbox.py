@@ -1,0 +1,208 @@
+"""Run untrusted, model-written Python in a separate, locked-down process.
+
+Code-execution rewards run whatever the policy wrote. A policy under RL
+pressure finds every shortcut (reading the expected answers, killing the
+grader, forking until the node falls over), so the program gets:
+
+- wall-clock and CPU-time limits; on timeout every process it started dies
+  (PID namespace: the kernel kills the namespace with its first process);
+- an address-space limit (memory), a process-count limit (fork bombs) and a
+  file-size limit (which also bounds stdout/stderr, written to files);
+- no network (an empty network namespace);
+- a small scratch directory (a size-capped tmpfs) as its only writable place,
+  inside a private read-only root that shows only system and Python
+  directories, not the job's files;
+- a clean environment (no job env vars) and an unprivileged uid: dropped to
+  with setuid when we are root (RLIMIT_NPROC does not bind root, and root can
+  write anywhere), mapped through a user namespace when we are not.
+
+The jail is built by `sandbox_boot.py`, a small stdlib-only script run as a
+child process (see its docstring for the mechanics). It works as root and, as
+an ordinary user, wherever unprivileged user namespaces are enabled. Where
+neither is possible, isolation="auto" falls back to a weaker mode (rlimits,
+uid drop if root, a Python-level socket block, no private filesystem view) and
+logs a warning once; the mode used is in every `SandboxResult.isolation`.
+
+`run_python` never raises for anything the program does: a crash, timeout or
+limit is a `SandboxResult` with a status and a detail line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_ernie.config.rl import SandboxConfig
+
+log = logging.getLogger(__name__)
+
+OK, TIMEOUT, MEMORY, PROCESS_LIMIT = "ok", "timeout", "memory", "process_limit"
+OUTPUT_LIMIT, CRASH, SANDBOX_ERROR = "output_limit", "crash", "sandbox_error"
+STATUSES = (OK, TIMEOUT, MEMORY, PROCESS_LIMIT, OUTPUT_LIMIT, CRASH, SANDBOX_ERROR)
+
+BOOT_SCRIPT = Path(__file__).with_name("sandbox_boot.py")
+BOOT_GRACE_S = 5.0  # bootstrap start-up + jail setup + reaping, on top of wall_s
+PROGRAM_NAME = "main.py"
+_warned_fallback = False
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """What happened to one run: status is one of STATUSES; detail says why in one line."""
+
+    status: str
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    signal: int | None
+    wall_s: float
+    cpu_s: float
+    isolation: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+def run_python(code: str, stdin: str = "", config: SandboxConfig | None = None) -> SandboxResult:
+    """Run `code` as a Python program fed `stdin`; return its outcome, never raising for it."""
+    config = config or SandboxConfig()
+    config.validate("rl.sandbox")
+    with tempfile.TemporaryDirectory(prefix="ernie-sandbox-", ignore_cleanup_errors=True) as rundir:
+        paths = _prepare_rundir(Path(rundir), code, stdin, config)
+        status = _launch(paths, config)
+        return _classify(status, paths, config)
+
+
+def cpu_limit_s(config: SandboxConfig) -> int:
+    """RLIMIT_CPU counts whole seconds."""
+    return max(1, round(config.cpu_s))
+
+
+def _prepare_rundir(rundir: Path, code: str, stdin: str, config: SandboxConfig) -> dict:
+    """rundir/{scratch (the program's, chowned to it), root (jail mount point), io (ours)}."""
+    os.chmod(rundir, 0o711)
+    paths = {name: rundir / name for name in ("scratch", "root", "io")}
+    for name, mode in (("scratch", 0o700), ("root", 0o755), ("io", 0o700)):
+        paths[name].mkdir(mode=mode)
+    (paths["scratch"] / PROGRAM_NAME).write_text(code)
+    (paths["io"] / "stdin").write_text(stdin)
+    if os.geteuid() == 0:
+        for path in (paths["scratch"], paths["scratch"] / PROGRAM_NAME):
+            os.chown(path, config.uid, config.gid)
+    return paths
+
+
+def _python_dirs(python: str) -> list[str]:
+    """Directories the program's interpreter needs, made visible (read-only) in the jail."""
+    dirs = {os.path.dirname(os.path.dirname(p)) for p in (python, os.path.realpath(python))}
+    if python == sys.executable:
+        dirs |= {sys.prefix, sys.base_prefix, os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)}
+    return sorted(d for d in dirs if d not in ("", "/"))
+
+
+def _boot_spec(paths: dict, config: SandboxConfig) -> dict:
+    python = config.python or sys.executable
+    return {
+        "isolation": config.isolation,
+        "python": python,
+        "script": PROGRAM_NAME,
+        "uid": config.uid,
+        "gid": config.gid,
+        "scratch_dir": str(paths["scratch"]),
+        "root_dir": str(paths["root"]),
+        "status_path": str(paths["io"] / "status.json"),
+        "readonly_paths": list(config.readonly_paths) + _python_dirs(python),
+        "wall_s": config.wall_s,
+        "cpu_s": cpu_limit_s(config),
+        "memory_bytes": config.memory_mb << 20,
+        "max_processes": config.max_processes,
+        "max_file_bytes": config.max_file_bytes,
+        "scratch_bytes": config.scratch_mb << 20,
+    }
+
+
+def _launch(paths: dict, config: SandboxConfig) -> dict:
+    """Run the bootstrap with the program's stdio on files; return its status record."""
+    io = paths["io"]
+    argv = [sys.executable, "-I", "-S", str(BOOT_SCRIPT), json.dumps(_boot_spec(paths, config))]
+    with open(io / "stdin", "rb") as fin, open(io / "stdout", "wb") as fout, open(io / "stderr", "wb") as ferr:
+        proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, env={},
+                                start_new_session=True, close_fds=True)
+        try:
+            proc.wait(timeout=config.wall_s + BOOT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:
+        return json.loads((io / "status.json").read_text())
+    except (OSError, ValueError):
+        return {"setup_error": f"sandbox bootstrap ended without a status (exit {proc.returncode})"}
+
+
+def _read_capped(path: Path, limit: int) -> tuple[str, bool]:
+    """Up to `limit` bytes of a file as text, and whether there was more."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+
+
+def _classify(status: dict, paths: dict, config: SandboxConfig) -> SandboxResult:
+    stdout, stdout_cut = _read_capped(paths["io"] / "stdout", config.max_output_bytes)
+    stderr, _ = _read_capped(paths["io"] / "stderr", config.max_output_bytes)
+    isolation = status.get("isolation", "none")
+    _warn_if_weak(isolation, config)
+    verdict, detail = _verdict(status, stderr, stdout_cut, paths, config)
+    return SandboxResult(status=verdict, stdout=stdout, stderr=stderr, exit_code=status.get("exit_code"),
+                         signal=status.get("signal"), wall_s=status.get("wall_s", 0.0),
+                         cpu_s=status.get("cpu_s", 0.0), isolation=isolation, detail=detail)
+
+
+def _verdict(status: dict, stderr: str, stdout_cut: bool, paths: dict, config: SandboxConfig) -> tuple[str, str]:
+    """Map the raw outcome to (status, detail). Order matters: limits before crashes."""
+    last_line = stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""
+    if status.get("setup_error"):
+        return SANDBOX_ERROR, f"{status['setup_error']} {last_line}".strip()
+    if status.get("timed_out"):
+        return TIMEOUT, f"wall-clock limit of {config.wall_s}s reached"
+    cpu_limit = cpu_limit_s(config)
+    if status.get("signal") in (signal.SIGKILL, signal.SIGXCPU) and status.get("cpu_s", 0) >= cpu_limit - 0.1:
+        return TIMEOUT, f"CPU-time limit of {cpu_limit}s reached"
+    output_limit = f"output or files beyond the limits ({config.max_file_bytes} bytes a file, " \
+                   f"{config.scratch_mb} MiB scratch): {last_line}"
+    if stdout_cut or status.get("signal") == signal.SIGXFSZ or _file_full(paths["io"] / "stdout", config):
+        return OUTPUT_LIMIT, output_limit
+    if status.get("exit_code") == 0:
+        return OK, ""
+    if "MemoryError" in stderr or status.get("signal") == signal.SIGSEGV:
+        return MEMORY, f"memory limit of {config.memory_mb} MiB reached: {last_line}"
+    if "BlockingIOError" in stderr or "Resource temporarily unavailable" in stderr:
+        return PROCESS_LIMIT, f"process limit of {config.max_processes} reached: {last_line}"
+    if any(m in stderr for m in ("File too large", "No space left on device")) or \
+            _file_full(paths["io"] / "stderr", config):
+        return OUTPUT_LIMIT, output_limit
+    code = status.get("exit_code")
+    how = f"exit code {code}" if code is not None else f"signal {status.get('signal')}"
+    return CRASH, f"{how}: {last_line}"
+
+
+def _file_full(path: Path, config: SandboxConfig) -> bool:
+    return os.path.getsize(path) >= config.max_file_bytes
+
+
+def _warn_if_weak(isolation: str, config: SandboxConfig) -> None:
+    global _warned_fallback
+    if isolation == "rlimits" and config.isolation == "auto" and not _warned_fallback:
+        _warned_fallback = True
+        log.warning("reward sandbox: namespaces unavailable (need root or unprivileged user namespaces), "
+                    "using the weaker "
+                    "'rlimits' mode: no private filesystem view, network blocked only at the Python level. "
+                    "Set sandbox.isolation = 'namespaces' to make this an error instead.")

@@ -1,0 +1,347 @@
+"""Trusted first stage of the reward sandbox: build the jail, then exec the program.
+
+Run by `sandbox.py` as `python -I -S sandbox_boot.py SPEC_JSON` with the
+program's stdin/stdout/stderr already redirected to files. Standard library
+only, no package imports: it must start fast and import nothing the job owns.
+
+Why a separate process instead of `preexec_fn`: namespace, mount and uid
+changes are unsafe in a forked copy of a threaded reward worker, and this
+process can outlive a worker hiccup long enough to reap the program.
+
+"namespaces" mode (root, or an ordinary user where unprivileged user
+namespaces are allowed), the design of bubblewrap and nsjail reduced to what a
+reward program needs:
+  unshare(mount, pid, net, ipc, uts [+ user]) -> fork; the child becomes PID 1
+  of the new PID namespace, so when it dies the kernel kills every process it
+  left behind (fork bombs included). The child builds a new root on a tmpfs
+  holding read-only binds of the system and Python directories, a small
+  size-capped tmpfs at /sandbox seeded with the program (its only writable
+  place), a few /dev nodes and a fresh /proc; chroots into it, drops to the
+  unprivileged uid, applies rlimits and execs Python. The new net namespace has
+  only a downed loopback device: no network at all. (Binds are recursive but
+  only their top mount is made read-only; none of the default paths has
+  writable submounts on common systems.)
+"rlimits" mode (fallback when namespaces are refused): rlimits, uid drop when
+root, a new session, and a Python audit hook that refuses sockets. A native
+extension or ctypes can get past the hook: it is a weaker mode and is reported.
+
+Writes a JSON status file: isolation mode, exit code or signal, whether the
+wall clock ran out, CPU seconds and wall seconds.
+"""
+
+import ctypes
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import time
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 0x20, 0x400, 0x800, 0x1000, 0x4000
+MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 0x40000, 0x200000, 0x1000000
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+DEVICES = ("null", "zero", "urandom", "random")
+JAIL_WORKDIR = "/sandbox"
+CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+# Prepended to the program in "rlimits" mode, where no network namespace exists.
+SOCKET_BLOCK_PRELUDE = """
+import runpy, sys
+def _deny_sockets(event, args):
+    if event.startswith("socket."):
+        raise PermissionError("network access is disabled in the reward sandbox")
+sys.addaudithook(_deny_sockets)
+sys.argv = [sys.argv[1]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _checked(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _c_string(text):
+    return None if text is None else text.encode()
+
+
+def _mount(source, target, fstype, flags, data=None) -> None:
+    ret = _libc.mount(_c_string(source), _c_string(target), _c_string(fstype), ctypes.c_ulong(flags),
+                      _c_string(data))
+    _checked(ret, f"mount {source} on {target}")
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when our parent dies (cleared by setuid: call again after)."""
+    _checked(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def enter_namespaces(spec: dict) -> str:
+    """Unshare the namespaces for "namespaces" mode; return the mode we got.
+
+    As root: plain namespaces, and the program later drops to spec uid/gid.
+    As an ordinary user (a Slurm job): the same inside a new user namespace,
+    where spec uid/gid is the program's identity mapped onto ours; we hold
+    capabilities only inside it, and the program's exec (euid != 0) drops them.
+    """
+    if spec["isolation"] == "rlimits":
+        return "rlimits"
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    outer_uid, outer_gid = os.getuid(), os.getgid()
+    if outer_uid == 0 and _libc.unshare(flags) == 0:
+        return "namespaces"
+    if _libc.unshare(CLONE_NEWUSER | flags) == 0:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{spec['uid']} {outer_uid} 1")
+        _write("/proc/self/gid_map", f"{spec['gid']} {outer_gid} 1")
+        return "namespaces"
+    err = ctypes.get_errno()
+    if spec["isolation"] == "namespaces":
+        raise OSError(err, f"unshare(user|mount|pid|net|ipc|uts) refused: {os.strerror(err)}; run as root, "
+                           "allow unprivileged user namespaces, or set sandbox.isolation = 'auto' / 'rlimits'")
+    return "rlimits"
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _kept_mount_flags(path: str) -> int:
+    """The existing per-mount flags of `path` as MS_* bits.
+
+    A read-only remount must restate them: inside a user namespace the kernel
+    refuses to clear flags (nosuid, noexec, atime mode) locked by the host.
+    """
+    st = os.statvfs(path).f_flag
+    flags = st & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)
+    if st & os.ST_RELATIME:
+        flags |= MS_RELATIME
+    elif not st & os.ST_NOATIME:
+        flags |= MS_STRICTATIME
+    return flags
+
+
+def _bind_readonly(source: str, root: str) -> None:
+    """Make `source` visible read-only at the same path inside the new root."""
+    target = root + source
+    if os.path.islink(source):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.lexists(target):
+            os.symlink(os.readlink(source), target)
+        return
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    _mount(source, target, None, MS_BIND | MS_REC)
+    _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | _kept_mount_flags(target))
+
+
+def _covered(path: str, done: list) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in done)
+
+
+def _make_workdir(spec: dict, workdir: str) -> None:
+    """A size-capped tmpfs owned by the sandbox uid, seeded with the staged files.
+
+    A tmpfs rather than a bind of the host directory, so that many files each
+    under RLIMIT_FSIZE cannot fill the job's disk.
+    """
+    os.makedirs(workdir)
+    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={spec['scratch_bytes']},nr_inodes=1024,mode=0700")
+    for name in os.listdir(spec["scratch_dir"]):
+        with open(os.path.join(spec["scratch_dir"], name), "rb") as src:
+            with open(os.path.join(workdir, name), "wb") as dst:
+                dst.write(src.read())
+    if os.geteuid() == 0:
+        for path in [workdir] + [os.path.join(workdir, n) for n in os.listdir(workdir)]:
+            os.chown(path, spec["uid"], spec["gid"])
+
+
+def build_jail_root(spec: dict) -> None:
+    """Assemble the new root filesystem (we are PID 1 of the new namespaces, still privileged in them)."""
+    root = spec["root_dir"]
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # never propagate our mounts to the host
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    done = []
+    for path in sorted(set(spec["readonly_paths"]), key=len):
+        if os.path.lexists(path) and not _covered(path, done):
+            _bind_readonly(path, root)
+            done.append(path)
+    _make_workdir(spec, root + JAIL_WORKDIR)
+    os.makedirs(root + "/dev", exist_ok=True)
+    for dev in (d for d in DEVICES if os.path.exists(f"/dev/{d}")):
+        open(f"{root}/dev/{dev}", "a").close()
+        _mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, MS_BIND)
+    os.makedirs(root + "/proc", exist_ok=True)
+    try:
+        _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError:
+        pass  # refused in some containers (masked host /proc) for user namespaces: go without /proc
+    _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chroot(root)
+    os.chdir(JAIL_WORKDIR)
+
+
+def apply_limits(spec: dict) -> None:
+    """rlimits for the program; CPU soft == hard so the kernel sends SIGKILL, which a PID 1 cannot ignore."""
+    limits = {
+        resource.RLIMIT_CPU: spec["cpu_s"],
+        resource.RLIMIT_AS: spec["memory_bytes"],
+        resource.RLIMIT_NPROC: spec["max_processes"],
+        resource.RLIMIT_FSIZE: spec["max_file_bytes"],
+        resource.RLIMIT_NOFILE: 64,
+        resource.RLIMIT_CORE: 0,
+    }
+    for which, value in limits.items():
+        resource.setrlimit(which, (value, value))
+
+
+def drop_privileges(spec: dict) -> None:
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(spec["gid"])
+        os.setuid(spec["uid"])
+        if os.getuid() == 0 or os.geteuid() == 0:
+            raise OSError("still root after setuid")
+
+
+def become_program(spec: dict, mode: str) -> None:
+    """In the forked child: enter the jail (or the weak fallback) and exec the program."""
+    _die_with_parent()
+    if mode == "namespaces":
+        build_jail_root(spec)
+        argv = [spec["python"], "-I", spec["script"]]
+    else:
+        os.setsid()
+        os.chdir(spec["scratch_dir"])
+        argv = [spec["python"], "-I", "-c", SOCKET_BLOCK_PRELUDE, spec["script"]]
+    drop_privileges(spec)
+    _die_with_parent()
+    apply_limits(spec)
+    env = dict(CLEAN_ENV, HOME=os.getcwd())
+    try:
+        os.execve(spec["python"], argv, env)
+    except PermissionError as exc:
+        raise PermissionError(f"{exc}; uid {os.getuid()} cannot run this interpreter: set sandbox.python "
+                              "to one it can read and execute, e.g. /usr/bin/python3") from None
+
+
+def _pidfd(pid: int):
+    """A pollable handle on the child (Linux >= 5.3), or None on older kernels (e.g. RHEL 8)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def wait_with_deadline(pid: int, wall_s: float) -> dict:
+    """Wait for the program; SIGKILL it at the wall-clock deadline. Returns the outcome."""
+    deadline = time.monotonic() + wall_s
+    pidfd = _pidfd(pid)
+    timed_out = False
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            os.kill(pid, signal.SIGKILL)
+            _, status, usage = os.wait4(pid, 0)
+            break
+        if pidfd is None:
+            time.sleep(min(0.005, remaining))
+        else:
+            select.select([pidfd], [], [], remaining)
+    if pidfd is not None:
+        os.close(pidfd)
+    return {
+        "timed_out": timed_out,
+        "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def kill_leftovers(pid: int, spec: dict) -> None:
+    """Weak mode has no PID namespace: kill what the program left behind.
+
+    As root we kill every process of the sandbox uid (from a child that became
+    that uid, so nothing else can be hit); otherwise the program's process group.
+    """
+    if os.geteuid() != 0:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+    killer = os.fork()
+    if killer == 0:
+        try:
+            drop_privileges(spec)
+            for _ in range(3):  # again, for children forked while we were killing
+                os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(killer, 0)
+
+
+def reap_orphans(timeout_s: float = 1.0) -> None:
+    """As child subreaper we inherit the program's orphans: reap them so no zombie counts against RLIMIT_NPROC."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
+
+
+def run(spec: dict) -> dict:
+    _die_with_parent()
+    mode = enter_namespaces(spec)
+    if mode == "rlimits":
+        _checked(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)  # closes by itself when exec succeeds
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        try:
+            become_program(spec, mode)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised past exec
+            os.write(report_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
+        os._exit(127)
+    os.close(report_w)
+    outcome = wait_with_deadline(pid, spec["wall_s"])
+    if mode == "rlimits":
+        kill_leftovers(pid, spec)
+        reap_orphans()
+    setup_error = os.read(report_r, 4096).decode(errors="replace")
+    return dict(outcome, isolation=mode, setup_error=setup_error, wall_s=time.monotonic() - start)
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        status = run(spec)
+    except OSError as exc:
+        status = {"setup_error": f"{type(exc).__name__}: {exc}", "isolation": spec["isolation"]}
+    with open(spec["status_path"], "w") as f:
+        json.dump(status, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The task registry: name -> (example generator, reward function).
+
+A task is two plain functions:
+  make_example(seed, index, options) -> TaskExample(prompt, reference)
+      deterministic: the same (seed, index, options) always gives the same
+      example, so the controller checkpoints only an index to resume;
+  reward(response, reference, sandbox) -> Verdict | float
+      called by reward workers; `sandbox` is the SandboxConfig for code
+      execution. A float is taken as the reward with status "ok" if > 0,
+      else "wrong".
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.rl import SandboxConfig, TaskConfig
+from megatron_ernie.rl.reward.verifiers import Verdict
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    prompt: str
+    reference: str  # what the reward function needs: an answer, or JSON test cases
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make_example: Callable[[int, int, dict], TaskExample]
+    reward: Callable[[str, str, SandboxConfig], "Verdict | float"]
+    description: str = ""
+
+    def examples(self, seed: int, start: int, count: int, options: dict | None = None) -> list[TaskExample]:
+        return [self.make_example(seed, i, dict(options or {})) for i in range(start, start + count)]
+
+    def score(self, response: str, reference: str, sandbox: SandboxConfig) -> Verdict:
+        """Run the reward function and make its result a Verdict."""
+        result = self.reward(response, reference, sandbox)
+        if isinstance(result, Verdict):
+            return result
+        reward = float(result)
+        return Verdict(reward, "ok" if reward > 0 else "wrong")
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(name: str, make_example, reward, description: str = "", replace: bool = False) -> Task:
+    """Make a task available by name (the `name` of a [[rl.tasks]] entry)."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"task name {name!r}: use a non-empty string")
+    if name in _TASKS and not replace:
+        raise ValueError(f"task {name!r} is already registered: pick another name or pass replace=True")
+    _TASKS[name] = Task(name, make_example, reward, description)
+    return _TASKS[name]
+
+
+def task(name: str, reward, description: str = ""):
+    """Decorator form: `@task("my_task", reward=my_reward)` on the example generator."""
+    def register(make_example):
+        register_task(name, make_example, reward, description or (make_example.__doc__ or "").strip())
+        return make_example
+    return register
+
+
+def get_task(name: str) -> Task:
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; registered: {sorted(_TASKS)}. "
+                       "Register it with megatron_ernie.rl.tasks.register_task, or set the task's `module`")
+    return _TASKS[name]
+
+
+def available_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def resolve_task(config: TaskConfig, path: str = "rl.tasks") -> Task:
+    """The task a [[rl.tasks]] entry names, importing its `module` first if set."""
+    if config.module:
+        try:
+            importlib.import_module(config.module)
+        except ImportError as exc:
+            raise ConfigError(f"{path}.module", config.module, f"cannot import it ({exc}); "
+                              "give an importable module name, e.g. 'my_project.rl_tasks'") from None
+    if config.name not in _TASKS:
+        raise ConfigError(f"{path}.name", config.name, f"not a registered task; registered: {sorted(_TASKS)}")
+    return _TASKS[config.name]

@@ -1,0 +1,219 @@
+"""RL message protocol: exact round trips, schema checks, version and tamper errors."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_ernie.rl import protocol
+from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, ProtocolVersionError, Sample,
+                                        ScoredSample, Shutdown, WeightBucket, WeightsReady, decode)
+from megatron_ernie.rl.transport import pipe_pair
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_sample(**overrides) -> Sample:
+    args = dict(prompt_id="arith-17", sample_index=2, task="arithmetic", prompt_tokens=[5, 6, 7],
+                response_tokens=[8, 9], rollout_logprobs=[-0.25, -1.5], policy_version=4,
+                routed_experts=np.arange(5 * 3 * 2, dtype=np.int16).reshape(5, 3, 2),
+                env_mask=[False, True], response_text="19", reference="19", finish_reason="length")
+    args.update(overrides)
+    return Sample(**args)
+
+
+def test_scored_sample_round_trip_keeps_every_field_exactly():
+    original = ScoredSample(make_sample(), reward=1.0, status="ok", detail="matched 19")
+    back = ScoredSample.from_bytes(original.to_bytes())
+    s = back.sample
+    assert (back.reward, back.status, back.detail) == (1.0, "ok", "matched 19")
+    assert (s.prompt_id, s.sample_index, s.task, s.policy_version) == ("arith-17", 2, "arithmetic", 4)
+    assert (s.response_text, s.reference, s.finish_reason) == ("19", "19", "length")
+    assert s.prompt_tokens.tolist() == [5, 6, 7] and s.prompt_tokens.dtype == np.int32
+    assert s.response_tokens.tolist() == [8, 9]
+    assert s.rollout_logprobs.tolist() == [-0.25, -1.5] and s.rollout_logprobs.dtype == np.float32
+    assert s.routed_experts.dtype == np.int16 and s.routed_experts.shape == (5, 3, 2)
+    assert s.routed_experts[4, 2, 1] == 29
+    assert s.env_mask.tolist() == [False, True]
+    assert s.loss_mask().tolist() == [1.0, 0.0]
+
+
+def test_optional_arrays_round_trip_as_none():
+    sample = make_sample(routed_experts=None, env_mask=None)
+    back = Sample.from_bytes(sample.to_bytes())
+    assert back.routed_experts is None and back.env_mask is None
+    assert back.loss_mask().tolist() == [1.0, 1.0]
+
+
+def test_other_messages_round_trip():
+    req = decode(PromptRequest("p1", "code", [1, 2], n_samples=8, reference='{"tests": []}').to_bytes())
+    assert (req.prompt_id, req.task, req.prompt_tokens.tolist(), req.n_samples, req.reference,
+            req.max_new_tokens) == ("p1", "code", [1, 2], 8, '{"tests": []}', 0)
+    weights = decode(WeightsReady(7, [WeightBucket(0, 1024, "bfloat16", ["a.weight", "b.bias"]),
+                                      WeightBucket(1, 64, "float32", ["c"])]).to_bytes())
+    assert weights.version == 7
+    assert [(b.index, b.nbytes, b.dtype, b.names) for b in weights.buckets] == [
+        (0, 1024, "bfloat16", ("a.weight", "b.bias")), (1, 64, "float32", ("c",))]
+    beat = decode(Heartbeat("reward", 3, 1234.5).to_bytes())
+    assert (beat.role, beat.rank, beat.time) == ("reward", 3, 1234.5)
+    assert decode(Shutdown("done").to_bytes()).reason == "done"
+
+
+def test_wire_layout_is_versioned_and_arrays_are_aligned():
+    data = make_sample().to_bytes()
+    magic, version, header_len = struct.unpack_from("<4sHI", data)
+    assert (magic, version) == (b"ERL1", protocol.PROTOCOL_VERSION)
+    header = json.loads(data[10:10 + header_len])
+    assert header["type"] == "Sample"
+    assert header["fields"]["prompt_tokens"] == {"__array__": ["<i4", [3], 0, 12]}
+    assert (10 + header_len) % 8 == 0
+    assert all(ref["__array__"][2] % 8 == 0 for ref in header["fields"].values()
+               if isinstance(ref, dict) and "__array__" in ref)
+
+
+def test_decoded_arrays_are_read_only():
+    back = Sample.from_bytes(make_sample().to_bytes())
+    with pytest.raises(ValueError):
+        back.response_tokens[0] = 1
+
+
+def test_version_mismatch_is_a_clear_error():
+    data = bytearray(Shutdown().to_bytes())
+    struct.pack_into("<H", data, 4, protocol.PROTOCOL_VERSION + 1)
+    with pytest.raises(ProtocolVersionError, match="protocol version 2, this process speaks 1"):
+        decode(bytes(data))
+
+
+def test_malformed_bytes_are_rejected():
+    good = Shutdown("x").to_bytes()
+    with pytest.raises(ProtocolError, match="magic"):
+        decode(b"XXXX" + good[4:])
+    with pytest.raises(ProtocolError, match="too short"):
+        decode(good[:5])
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(good[:12])
+    with pytest.raises(ProtocolError, match="expected a Sample message, got a Shutdown"):
+        Sample.from_bytes(good)
+
+
+def forge(header: dict, payload: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<4sHI", b"ERL1", protocol.PROTOCOL_VERSION, len(raw)) + raw + payload
+
+
+def test_forged_headers_cannot_smuggle_objects_or_overrun():
+    with pytest.raises(ProtocolError, match="unknown message type 'Evil'"):
+        decode(forge({"type": "Evil", "fields": {}}))
+    with pytest.raises(ProtocolError, match="bad array descriptor"):
+        decode(forge({"type": "PromptRequest", "fields": {"prompt_id": "a", "task": "t", "n_samples": 1,
+                                                          "prompt_tokens": {"__array__": ["|O", [1], 0, 8]}}}))
+    with pytest.raises(ProtocolError, match="does not fit"):
+        decode(forge({"type": "PromptRequest", "fields": {"prompt_id": "a", "task": "t", "n_samples": 1,
+                                                          "prompt_tokens": {"__array__": ["<i4", [4], 0, 16]}}},
+                     payload=bytes(8)))
+    with pytest.raises(ProtocolError, match="unexpected fields"):
+        decode(forge({"type": "Shutdown", "fields": {"reason": "", "extra": 1}}))
+
+
+def test_schema_errors_name_the_field():
+    with pytest.raises(ProtocolError, match=r"Sample.rollout_logprobs = .*length 2"):
+        make_sample(rollout_logprobs=[-1.0])
+    with pytest.raises(ProtocolError, match=r"Sample.routed_experts = .*length 5"):
+        make_sample(routed_experts=np.zeros((4, 3, 2), dtype=np.int16))
+    with pytest.raises(ProtocolError, match=r"Sample.response_tokens = .*int32"):
+        make_sample(response_tokens=[1.5, 2.0])
+    with pytest.raises(ProtocolError, match=r"Sample.routed_experts = .*values within int16"):
+        make_sample(routed_experts=np.full((5, 3, 2), 40000))
+    with pytest.raises(ProtocolError, match=r"Sample.policy_version = -1: expected int >= 0"):
+        make_sample(policy_version=-1)
+    with pytest.raises(ProtocolError, match=r"ScoredSample.status = 'great'"):
+        ScoredSample(make_sample(), 1.0, "great")
+    with pytest.raises(ProtocolError, match=r"ScoredSample.reward = nan"):
+        ScoredSample(make_sample(), float("nan"), "ok")
+    with pytest.raises(ProtocolError, match="bucket indices"):
+        WeightsReady(1, [WeightBucket(1, 8, "float32", ["a"])])
+
+
+def test_messages_are_immutable():
+    sample = make_sample()
+    with pytest.raises(AttributeError):
+        sample.policy_version = 9
+
+
+# ------------------------------------------------------------------ transport
+
+def test_pipe_channel_carries_messages_and_rejects_garbage():
+    controller, worker = pipe_pair()
+    controller.send(make_sample())
+    assert worker.poll(1.0)
+    got = worker.recv()
+    assert isinstance(got, Sample) and got.rollout_logprobs.tolist() == [-0.25, -1.5]
+    worker.send(ScoredSample(got, 0.5, "wrong", "close"))
+    assert controller.recv().reward == 0.5
+    assert not controller.poll(0.0)
+    worker.send_bytes(b"not a message")
+    with pytest.raises(ProtocolError, match="too short|magic"):
+        controller.recv()
+
+
+# Each rank sends a Sample to the other, rank 0 echoes it back as a ScoredSample; each writes what it got.
+PEER_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from megatron_ernie.rl.protocol import Sample, ScoredSample
+from megatron_ernie.rl import transport
+kind, out_dir = sys.argv[2], sys.argv[3]
+if kind == "mpi":
+    from mpi4py import MPI
+    rank = MPI.COMM_WORLD.rank
+    channel = transport.MPIChannel(MPI.COMM_WORLD, peer=1 - rank)
+else:
+    import torch.distributed as dist
+    rank = int(sys.argv[4])
+    dist.init_process_group("gloo", init_method="file://" + out_dir + "/store", rank=rank, world_size=2)
+    channel = transport.TorchChannel(peer=1 - rank)
+mine = Sample(f"p{rank}", rank, "t", [rank] * 3, list(range(1000 * (rank + 1))), [-0.5] * 1000 * (rank + 1), rank)
+records = []
+if rank == 0:
+    channel.send(mine)
+    theirs = channel.recv()
+    channel.send(ScoredSample(theirs, 1.0, "ok"))
+else:
+    theirs = channel.recv()
+    channel.send(mine)
+    echoed = channel.recv()
+    records.append([echoed.sample.prompt_id, len(echoed.sample.response_tokens), echoed.status])
+records.append([rank, theirs.prompt_id, int(theirs.response_tokens.sum()), theirs.policy_version])
+with open(f"{out_dir}/rank{rank}.json", "w") as f:
+    json.dump(records, f)
+"""
+
+
+def check_peer_outputs(out_dir: Path) -> None:
+    assert json.loads((out_dir / "rank0.json").read_text()) == [[0, "p1", sum(range(2000)), 1]]
+    assert json.loads((out_dir / "rank1.json").read_text()) == [["p1", 2000, "ok"], [1, "p0", sum(range(1000)), 0]]
+
+
+@pytest.mark.slow
+def test_torch_channel_between_two_processes(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, str(REPO), "torch", str(tmp_path), str(rank)])
+             for rank in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    check_peer_outputs(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="needs mpiexec")
+def test_mpi_channel_between_two_ranks(tmp_path):
+    pytest.importorskip("mpi4py")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    out = subprocess.run(["mpiexec", "--oversubscribe", "-n", "2", sys.executable, "-c", PEER_SCRIPT, str(REPO),
+                          "mpi", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    check_peer_outputs(tmp_path)
