@@ -45,10 +45,11 @@ def cmd_show_config(args) -> int:
     return 0
 
 
-def cmd_preprocess(args) -> int:
-    from megatron_ernie.data.preprocess import main
-
-    return main(args.rest)
+# Subcommands with their own argument parser: everything after the name is theirs.
+PASSTHROUGH = {
+    "preprocess": "megatron_ernie.data.preprocess",
+    "submit": "megatron_ernie.launch.submit",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=0, help="also check the layout for this many processes")
     p.set_defaults(func=cmd_show_config)
-    p = sub.add_parser("preprocess", help="text/JSONL -> megatron indexed dataset (see --help)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_preprocess)
+    sub.add_parser("preprocess", help="text/JSONL -> megatron indexed dataset (ernie preprocess --help)")
+    sub.add_parser("submit", help="render an sbatch script from a config and submit it (ernie submit --help)")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -28,6 +28,8 @@ def _coerce_tuple(path: str, value: Any, annotation) -> tuple:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(path, value, "expected a list")
     (item_type, *_rest) = typing.get_args(annotation) or (Any,)
+    if dataclasses.is_dataclass(item_type):
+        return tuple(build(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
     return tuple(_coerce(f"{path}[{i}]", v, item_type) for i, v in enumerate(value))
 
 
@@ -35,7 +37,7 @@ def _coerce(path: str, value: Any, annotation) -> Any:
     """Check ``value`` against a field type; ints are accepted for floats, lists for tuples."""
     if typing.get_origin(annotation) is tuple:
         return _coerce_tuple(path, value, annotation)
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(
+    kind = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(
         annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
     if kind is None:
         return value
@@ -115,14 +117,37 @@ def _toml_value(value) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _is_table_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and value and all(dataclasses.is_dataclass(v) for v in value)
+
+
+def _dump_table(obj, name: str, lines: list, header: str = "[{}]") -> None:
+    """One dataclass as a TOML table; nested dataclasses become [name.sub] tables."""
+    lines.append(header.format(name))
+    nested = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) or _is_table_list(value):
+            nested.append((f.name, value))
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    lines.append("")
+    for key, value in nested:
+        if dataclasses.is_dataclass(value):
+            _dump_table(value, f"{name}.{key}", lines)
+        else:
+            for item in value:
+                _dump_table(item, f"{name}.{key}", lines, "[[{}]]")
+
+
 def dumps(cfg) -> str:
-    """Write a config tree (sections of scalars and lists) as TOML."""
-    lines = []
-    for section, values in to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        lines.append("")
+    """Write a config tree as TOML that ``load`` reads back to an equal tree."""
+    lines: list[str] = []
+    for f in dataclasses.fields(cfg):
+        _dump_table(getattr(cfg, f.name), f.name, lines)
     return "\n".join(lines)

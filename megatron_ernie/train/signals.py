@@ -13,7 +13,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+from megatron_ernie.runtime.env import EXIT_REQUEUE as EXIT_PREEMPTED  # 75, EX_TEMPFAIL
 
 
 class StopFlag:
