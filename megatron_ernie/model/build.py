@@ -7,6 +7,7 @@ initialisation -> megatron-core DDP.  The caller passes the process groups.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_ernie.model import init as model_init
+from megatron_ernie.model.extensions import Extensions
 from megatron_ernie.model.specs import decoder_block_spec, transformer_engine_usable
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -92,7 +95,17 @@ def transformer_config(model, moe, par, **extra) -> TransformerConfig:
     return TransformerConfig(**fields)
 
 
-def build_chunks(tconfig, model, groups, vocab_size: int, spec_extra: dict | None = None) -> list:
+def _block_spec(tconfig, use_te: bool, vp_stage, ext: Extensions):
+    """This chunk's decoder block spec, with each layer rewritten by the extensions."""
+    block = decoder_block_spec(tconfig, use_te, vp_stage)
+    if not ext.layer_spec:
+        return block
+    offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
+    layers = [ext.rewrite_layer(offset + i, spec) for i, spec in enumerate(block.layer_specs)]
+    return dataclasses.replace(block, layer_specs=layers)
+
+
+def build_chunks(tconfig, model, groups, vocab_size: int, ext: Extensions = Extensions()) -> list:
     """One GPTModel per virtual-pipeline chunk owned by this rank."""
     from megatron_ernie.runtime.groups import set_virtual_pipeline_rank
 
@@ -104,13 +117,14 @@ def build_chunks(tconfig, model, groups, vocab_size: int, spec_extra: dict | Non
         pre, post = groups.stage_has(chunk)
         chunks.append(GPTModel(
             config=tconfig,
-            transformer_layer_spec=decoder_block_spec(tconfig, use_te, vp_stage, spec_extra),
+            transformer_layer_spec=_block_spec(tconfig, use_te, vp_stage, ext),
             vocab_size=vocab_size, max_sequence_length=model.seq_length,
             pre_process=pre, post_process=post,
             share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
             position_embedding_type="rope", rotary_base=model.rotary_base,
             vp_stage=vp_stage, pg_collection=groups.pgs,
         ))
+        ext.after_build(chunks[-1])
     set_virtual_pipeline_rank(0 if groups.dims.vpp > 1 else None)
     return chunks
 
@@ -143,11 +157,10 @@ def attach_grad_hooks(tconfig, ddp_chunks) -> None:
         tconfig.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
 
 
-def build_model(model, moe, par, groups, vocab_size: int, seed: int, spec_extra: dict | None = None,
-                **tconfig_extra):
+def build_model(model, moe, par, groups, vocab_size: int, seed: int, ext: Extensions = Extensions()):
     """Returns (tconfig, ddp_chunks). Weights depend only on ``seed``, not on the layout."""
-    tconfig = transformer_config(model, moe, par, **tconfig_extra)
-    chunks = build_chunks(tconfig, model, groups, padded_vocab_size(vocab_size, par.tensor), spec_extra)
+    tconfig = transformer_config(model, moe, par, **ext.tconfig)
+    chunks = build_chunks(tconfig, model, groups, padded_vocab_size(vocab_size, par.tensor), ext)
     model_init.init_layout_invariant(chunks, seed, model.init_method_std, model.num_layers)
     ddp_chunks = wrap_ddp(chunks, tconfig, par)
     attach_grad_hooks(tconfig, ddp_chunks)

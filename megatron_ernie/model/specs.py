@@ -53,7 +53,7 @@ def local_replacements(normalization: str) -> dict:
     return {WrappedTorchNorm: norm.RMSNorm if normalization == "RMSNorm" else norm.LayerNorm}
 
 
-def decoder_block_spec(tconfig, use_te: bool, vp_stage: int | None, extra: dict | None = None):
+def decoder_block_spec(tconfig, use_te: bool, vp_stage: int | None):
     """The decoder block spec for this rank's layers (and virtual chunk)."""
     spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=use_te,
                                       normalization=tconfig.normalization, vp_stage=vp_stage)
@@ -62,5 +62,4 @@ def decoder_block_spec(tconfig, use_te: bool, vp_stage: int | None, extra: dict 
     replacements = {TopKRouter: ErnieTopKRouter}
     if not use_te:
         replacements.update(local_replacements(tconfig.normalization))
-    replacements.update(extra or {})
     return substitute(spec, replacements)

@@ -21,6 +21,7 @@ from megatron_ernie.checkpoint import store
 from megatron_ernie.data.loader import BatchLayout, iter_global_batches
 from megatron_ernie.data.pipeline import setup_data
 from megatron_ernie.model.build import build_model
+from megatron_ernie.model.extensions import extensions_for
 from megatron_ernie.observe.console import IterationStats, StepTimer, format_iteration, setup_logging
 from megatron_ernie.observe.expert_load import ExpertLoadTracker
 from megatron_ernie.observe.tensorboard import make_writer
@@ -72,7 +73,7 @@ def _num_samples(train) -> tuple[int, int, int]:
     return train.iters * train.global_batch_size, max(evals, 1), max(evals, 1)
 
 
-def setup(cfg: C.ErnieConfig, model_extra: dict | None = None) -> Run:
+def setup(cfg: C.ErnieConfig) -> Run:
     world = distributed.init_distributed()
     C.validate(cfg, world)
     groups = G.build_groups(dims_from_config(cfg.parallel, world))
@@ -80,8 +81,9 @@ def setup(cfg: C.ErnieConfig, model_extra: dict | None = None) -> Run:
     torch.manual_seed(cfg.run.seed)
     G.model_parallel_seed(cfg.run.seed)
     data = setup_data(cfg.data, cfg.model.seq_length, _num_samples(cfg.train))
+    ext = extensions_for(cfg.model, fp8=cfg.fp8)
     tconfig, model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, data.tokenizer.vocab_size,
-                                 cfg.run.seed, **(model_extra or {}))
+                                 cfg.run.seed, ext)
     optimizer = build_optimizer(cfg.optimizer, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.iters)
     run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(),
