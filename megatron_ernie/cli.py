@@ -49,6 +49,7 @@ def cmd_show_config(args) -> int:
 PASSTHROUGH = {
     "preprocess": "megatron_ernie.data.preprocess",
     "submit": "megatron_ernie.launch.submit",
+    "summary": "megatron_ernie.observe.summary",
 }
 
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show_config)
     sub.add_parser("preprocess", help="text/JSONL -> megatron indexed dataset (ernie preprocess --help)")
     sub.add_parser("submit", help="render an sbatch script from a config and submit it (ernie submit --help)")
+    sub.add_parser("summary", help="what a run produced: losses, checkpoints, TensorBoard (ernie summary --help)")
     return parser
 
 

@@ -3,21 +3,15 @@ loss curve at every layout, and a checkpoint reshards on load."""
 
 import pytest
 
-from conftest import run_worker
+import tomllib
+
+from conftest import ROOT, run_worker
 
 pytestmark = pytest.mark.slow
 
-LAYOUTS_4 = {
-    "dp4": [],
-    "dp4_distopt": ["parallel.distributed_optimizer=true"],
-    "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
-    "pp2": ["parallel.pipeline=2"],
-    "pp2_vpp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
-    "ep2": ["parallel.expert=2"],
-    "ep4_allgather": ["parallel.expert=4", "moe.token_dispatcher=\"allgather\""],
-    "tp2_ep2_etp2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"],
-    "tp2_pp2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"],
-}
+MATRIX = tomllib.loads((ROOT / "configs" / "cpu_layout_matrix.toml").read_text())
+LAYOUTS_4 = MATRIX["layouts"]
+assert MATRIX["world"] == 4
 
 
 @pytest.fixture(scope="module")

@@ -274,13 +274,24 @@ def _run_backward(mode, tensors, grad_tensors=None, retain_graph=None, create_gr
             create_graph, tuple(inputs or ()), allow_unreachable=True, accumulate_grad=True)
 
 
+def _tensor_backward_args(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    return self, gradient, retain_graph, create_graph, inputs
+
+
+def _autograd_backward_args(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                            grad_variables=None, inputs=None):
+    return tensors, grad_tensors, retain_graph, create_graph, inputs
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments of torch calls to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.backward or func is torch.autograd.backward:
-            return _run_backward(self, *args, **kwargs)
+        if func is torch.Tensor.backward:
+            return _run_backward(self, *_tensor_backward_args(*args, **kwargs))
+        if func is torch.autograd.backward:
+            return _run_backward(self, *_autograd_backward_args(*args, **kwargs))
         if func is torch.Tensor.cuda:
             return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
@@ -301,6 +312,18 @@ def _enter_device_mode():
     _mode.__enter__()
 
 
+def check_version() -> bool:
+    """True if the installed megatron-core is one these patches were verified against."""
+    from megatron.core import package_info
+
+    if package_info.__version__ in TESTED_MCORE_VERSIONS:
+        return True
+    log.warning(f"megatron-core {package_info.__version__} is not among the versions the CPU "
+                f"compatibility layer was verified with {TESTED_MCORE_VERSIONS}; run "
+                f"tests/test_cpu_compat.py to see which patches still apply")
+    return False
+
+
 def apply() -> bool:
     """Apply all CPU patches once; a no-op (returns False) when CUDA is present."""
     global _applied
@@ -308,6 +331,7 @@ def apply() -> bool:
         return False
     if _applied:
         return True
+    check_version()
     _patch_rng_tracker()
     _patch_cuda_api()
     _patch_moe_te_gemm_name()
