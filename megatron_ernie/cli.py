@@ -50,7 +50,11 @@ PASSTHROUGH = {
     "preprocess": "megatron_ernie.data.preprocess",
     "submit": "megatron_ernie.launch.submit",
     "summary": "megatron_ernie.observe.summary",
+    "search": "megatron_ernie.elastic.search",
+    "extract": "megatron_ernie.elastic.extract",
 }
+# Subcommands served by a differently named function of a module.
+ENTRY = {"eval": ("megatron_ernie.elastic.search", "eval_main")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,15 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("preprocess", help="text/JSONL -> megatron indexed dataset (ernie preprocess --help)")
     sub.add_parser("submit", help="render an sbatch script from a config and submit it (ernie submit --help)")
     sub.add_parser("summary", help="what a run produced: losses, checkpoints, TensorBoard (ernie summary --help)")
+    sub.add_parser("eval", help="validation loss of a supernet's sub-network (ernie eval --help)")
+    sub.add_parser("search", help="best sub-network of a supernet under a budget (ernie search --help)")
+    sub.add_parser("extract", help="a sub-network as a standalone checkpoint (ernie extract --help)")
     return parser
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PASSTHROUGH:
+    if argv and (argv[0] in PASSTHROUGH or argv[0] in ENTRY):
         import importlib
 
-        return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+        module, func = ENTRY.get(argv[0], (PASSTHROUGH.get(argv[0]), "main"))
+        try:
+            return getattr(importlib.import_module(module), func)(argv[1:])
+        except C.ConfigError as err:
+            print(f"ernie {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

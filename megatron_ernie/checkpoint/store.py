@@ -151,8 +151,14 @@ def read_meta(path) -> Meta:
 
 
 def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
-    """Load weights (and optimizer state if given) from ``path`` at the current layout."""
+    """Load weights (and optimizer state if given and saved) from ``path`` at the current layout.
+
+    A ``weights_only`` checkpoint (an import or an extracted sub-network) has no
+    optimizer state: the optimizer keeps its fresh state.
+    """
     meta = read_meta(path)
+    if meta.extra.get("weights_only"):
+        optimizer, restore_rng = None, False
     state = full_state(model_chunks, optimizer, is_loading=True)
     try:
         loaded = dist_checkpointing.load(state, str(path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.elastic import ElasticConfig
 from megatron_ernie.config.fp8 import FP8Config
 from megatron_ernie.config.rl import RLConfig
 from megatron_ernie.config.slurm import SlurmConfig
@@ -236,6 +237,7 @@ class ErnieConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     rl: RLConfig = field(default_factory=RLConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -40,7 +40,7 @@ class Extensions:
             fn(chunk)
 
 
-def extensions_for(model, fp8=None, elastic=None) -> Extensions:
+def extensions_for(model, moe=None, fp8=None, elastic=None) -> Extensions:
     """Collect the extensions that the config's optional sections ask for."""
     ext = Extensions()
     if fp8 is not None and fp8.recipe != "off":
@@ -50,5 +50,5 @@ def extensions_for(model, fp8=None, elastic=None) -> Extensions:
     if elastic is not None and elastic.enabled:
         from megatron_ernie.elastic.model import elastic_extensions
 
-        ext = ext.merge(elastic_extensions(elastic))
+        ext = ext.merge(elastic_extensions(elastic, model, moe))
     return ext

@@ -81,7 +81,7 @@ def setup(cfg: C.ErnieConfig) -> Run:
     torch.manual_seed(cfg.run.seed)
     G.model_parallel_seed(cfg.run.seed)
     data = setup_data(cfg.data, cfg.model.seq_length, _num_samples(cfg.train))
-    ext = extensions_for(cfg.model, fp8=cfg.fp8)
+    ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8, elastic=cfg.elastic)
     tconfig, model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, data.tokenizer.vocab_size,
                                  cfg.run.seed, ext)
     optimizer = build_optimizer(cfg.optimizer, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
@@ -108,6 +108,9 @@ def resume(run: Run) -> None:
     if path is None:
         return
     meta = store.load(path, run.model, run.optimizer)
+    if meta.extra.get("weights_only"):
+        log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights-only checkpoint')})")
+        return
     run.scheduler.load_state_dict(meta.extra["scheduler"])
     run.progress = Progress(meta.iteration, meta.consumed_samples, meta.consumed_tokens)
     log.info(f"resumed from {path} at iteration {meta.iteration} "
@@ -127,6 +130,11 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def evaluate(run: Run) -> float:
+    """Validation loss (of the full model; for a supernet, of its largest sub-network)."""
+    if run.cfg.elastic.enabled:
+        from megatron_ernie.elastic import hooks
+
+        hooks.use_full_model(run)
     t = run.cfg.train
     layout = BatchLayout(t.global_batch_size, t.micro_batch_size, run.groups.dims.dp, run.groups.dp_rank)
     total, tokens = 0.0, 0
@@ -140,7 +148,16 @@ def evaluate(run: Run) -> float:
     return loss
 
 
-def _log_iteration(run: Run, result: S.StepResult, seconds: float) -> None:
+def _train_one(run: Run, batches) -> tuple[S.StepResult, dict]:
+    """One optimizer step: plain, or the elastic sandwich of sub-networks."""
+    if not run.cfg.elastic.enabled:
+        return S.train_step(run.model, run.optimizer, run.scheduler, batches, run.shape, run.groups), {}
+    from megatron_ernie.elastic import hooks
+
+    return hooks.elastic_step(run, batches)
+
+
+def _log_iteration(run: Run, result: S.StepResult, seconds: float, extra: dict) -> None:
     p, t = run.progress, run.cfg.train
     lr = run.optimizer.param_groups[0]["lr"]
     stats = IterationStats(p.iteration, t.iters, p.consumed_tokens, result.loss, lr,
@@ -150,7 +167,8 @@ def _log_iteration(run: Run, result: S.StepResult, seconds: float) -> None:
         log.info(format_iteration(stats))
     run.writer.scalars({"train/loss": result.loss, "train/lr": stats.lr, "train/grad_norm": result.grad_norm,
                         "train/tokens_per_s": stats.tokens_per_s, "train/iteration_ms": stats.ms_per_iter,
-                        "system/memory_mb": psutil.Process().memory_info().rss / 2**20, **experts}, p.iteration)
+                        "system/memory_mb": psutil.Process().memory_info().rss / 2**20, **experts, **extra},
+                       p.iteration)
 
 
 def _due(iteration: int, interval: int) -> bool:
@@ -165,13 +183,13 @@ def train(run: Run) -> int:
     batches = iter_global_batches(run.data.train, layout, p.consumed_samples)
     last = min(t.iters, p.iteration + t.exit_interval) if t.exit_interval else t.iters
     while p.iteration < last:
-        result = S.train_step(run.model, run.optimizer, run.scheduler, next(batches), run.shape, run.groups)
+        result, extra = _train_one(run, next(batches))
         p.iteration += 1
         p.consumed_samples += t.global_batch_size
         p.consumed_tokens += result.tokens
         p.losses.append(result.loss)
         S.check_finite(result, p.iteration)
-        _log_iteration(run, result, timer.lap())
+        _log_iteration(run, result, timer.lap(), extra)
         if _due(p.iteration, t.eval_interval):
             evaluate(run)
         if _due(p.iteration, run.cfg.checkpoint.save_interval):
@@ -183,6 +201,10 @@ def train(run: Run) -> int:
         timer.lap()  # evaluation and saving do not count towards the next iteration's time
     if run.cfg.checkpoint.save_on_exit and not _due(p.iteration, run.cfg.checkpoint.save_interval):
         save_checkpoint(run)
+    if run.cfg.elastic.enabled and run.cfg.elastic.eval_subnets:
+        from megatron_ernie.elastic import hooks
+
+        hooks.write_family(run)
     return 0
 
 

@@ -63,12 +63,12 @@ def _reduce_loss(loss_dicts, groups) -> tuple[float, int]:
     return (total[0] / total[1]).item() if tokens else float("nan"), tokens
 
 
-def run_schedule(model_chunks, batches, shape, dims, forward_only):
+def run_schedule(model_chunks, batches, shape, dims, forward_only, forward_step_func=forward_step):
     """Pick megatron-core's schedule for our (explicit) PP/VPP sizes and run it."""
     num_microbatches, seq_length, micro_batch_size = shape
     fb = get_forward_backward_func(pp_size=dims.pp, vp_size=dims.vpp if dims.vpp > 1 else None)
     iterators = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
-    return fb(forward_step_func=forward_step, data_iterator=iterators, model=model_chunks,
+    return fb(forward_step_func=forward_step_func, data_iterator=iterators, model=model_chunks,
               num_microbatches=num_microbatches, seq_length=seq_length,
               micro_batch_size=micro_batch_size, forward_only=forward_only)
 

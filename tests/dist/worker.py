@@ -91,7 +91,59 @@ def scenario_resume(case: dict, tmp: Path) -> dict:
     return {name: resume_variant(case["n"], over, tmp / name) for name, over in case["variants"].items()}
 
 
-SCENARIOS = {"equivalence": scenario_equivalence, "resume": scenario_resume}
+ELASTIC = ["elastic.enabled=true", "elastic.depth=[2, 3]", "elastic.ffn=[0.5]", "elastic.experts=[2]",
+           "elastic.topk=[1]", "elastic.sandwich_random=1", "elastic.distill_weight=0.5", "elastic.eval_subnets=0"]
+PROBE_SUBNETS = ["depth=2,ffn=0.5,experts=2,topk=1", "depth=3,ffn=1,experts=4,topk=1",
+                 "depth=4,ffn=0.5,experts=4,topk=2", "depth=4,ffn=1,experts=2,topk=2", ""]
+
+
+def eval_subnets(run, texts) -> dict:
+    from megatron_ernie.elastic.search import evaluate
+    from megatron_ernie.elastic.subnet import parse_subnet
+
+    subnets = [parse_subnet(t, run.cfg.model, run.cfg.moe) for t in texts]
+    return {str(s): r["valid_loss"] for s, r in zip(subnets, evaluate(run, subnets))}
+
+
+def scenario_elastic(case: dict, tmp: Path) -> dict:
+    """Elastic training at several layouts: same sandwich losses, same sub-network losses."""
+    results = {}
+    for name, overrides in case["layouts"].items():
+        run = run_case(str(tmp / name), ELASTIC + overrides + [f"train.iters={case['iters']}"])
+        results[name] = {"losses": run.progress.losses, "subnets": eval_subnets(run, PROBE_SUBNETS)}
+        if case.get("save_from") == name:
+            loop.save_checkpoint(run)
+        run.experts.remove()
+    return results
+
+
+def scenario_extract(case: dict, tmp: Path) -> dict:
+    """One process: supernet sub-network loss vs the extracted model's loss."""
+    from megatron_ernie.elastic import extract
+    from megatron_ernie.elastic.params import subnet_size
+    from megatron_ernie.elastic.session import open_supernet
+    from megatron_ernie.elastic.subnet import parse_subnet
+    from megatron_ernie.model.build import padded_vocab_size
+
+    supernet = open_supernet(case["run_dir"], ["train.eval_iters=2"])
+    out = {}
+    for i, text in enumerate(case["subnets"]):
+        s = parse_subnet(text, supernet.cfg.model, supernet.cfg.moe)
+        super_loss = eval_subnets(supernet, [text])[str(s)]
+        ckpt, n_params = extract.extract(supernet, s, tmp / f"extracted_{i}")
+        sub = loop.setup(C.load(tmp / f"extracted_{i}" / "config.toml", [
+            f"checkpoint.load=\"{ckpt}\"", "checkpoint.resume=\"none\"", "train.eval_iters=2",
+            f"run.dir=\"{tmp / f'extracted_{i}_eval'}\"", "log.tensorboard=false"]))
+        vocab = padded_vocab_size(supernet.data.tokenizer.vocab_size, 1)
+        out[text] = {"supernet": super_loss, "extracted": loop.evaluate(sub), "params": n_params,
+                     "predicted": subnet_size(supernet.cfg.model, supernet.cfg.moe, vocab, s).total,
+                     "counted": sum(p.numel() for p in sub.model[0].parameters()), "checkpoint": str(ckpt),
+                     "config": str(tmp / f"extracted_{i}" / "config.toml")}
+    return out
+
+
+SCENARIOS = {"equivalence": scenario_equivalence, "resume": scenario_resume, "elastic": scenario_elastic,
+             "extract": scenario_extract}
 
 
 def main() -> None:

@@ -1,0 +1,131 @@
+"""Extract a sub-network into a standalone, smaller megatron_ernie checkpoint.
+
+The supernet is opened in one process at TP1/PP1/EP1 (its checkpoint
+reshards on load), the sub-network's weights are physically sliced out —
+kept layers in order, the first E' experts and router rows, the first f
+channels of every expert's gate, up and down projections — into a plain model
+built from a smaller config (fewer layers, smaller expert FFN, fewer experts,
+smaller top-k, no [elastic]), and saved as a weights-only checkpoint that
+``ernie pretrain --set checkpoint.load=<out>/checkpoints/iter_0000000`` loads
+at any parallel layout.  The output directory is written under a temporary
+name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_ernie import config as C
+from megatron_ernie.checkpoint import store
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.elastic.subnet import Subnet, kept_channels, kept_layers, layer_ranking, parse_subnet
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def subnet_config(cfg: C.ErnieConfig, s: Subnet) -> C.ErnieConfig:
+    """The plain config of the extracted model."""
+    keep = sorted(kept_layers(s.depth, layer_ranking(cfg.model.num_layers, cfg.elastic.layer_order)))
+    dense = sum(1 for i in keep if i < cfg.moe.first_dense_layers)
+    moe = dataclasses.replace(cfg.moe, num_experts=s.experts if cfg.moe.num_experts else 0,
+                              router_topk=s.topk if cfg.moe.num_experts else cfg.moe.router_topk,
+                              expert_ffn_hidden_size=kept_channels(s.ffn, cfg.moe.expert_ffn_hidden_size),
+                              first_dense_layers=dense)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_layers=s.depth), moe=moe,
+                               elastic=C.schema.ElasticConfig())
+
+
+def _slice_expert_tensor(name: str, value, s: Subnet, width: int):
+    if name.endswith("linear_fc1.weight"):  # gated: rows [gate (F); up (F)]
+        full = value.shape[0] // 2
+        return torch.cat([value[:width], value[full:full + width]])
+    if name.endswith("linear_fc2.weight"):
+        return value[:, :width]
+    return value
+
+
+def _slice_layer(rest: str, value, s: Subnet, width: int):
+    m = re.match(r"mlp\.experts\.local_experts\.(\d+)\.(.*)$", rest)
+    if m:
+        return None if int(m.group(1)) >= s.experts else _slice_expert_tensor(m.group(2), value, s, width)
+    if rest.startswith("mlp.router.") and torch.is_tensor(value) and value.dim() >= 1:
+        return value[: s.experts]
+    return value
+
+
+def slice_state_dict(sd: dict, cfg: C.ErnieConfig, s: Subnet) -> dict:
+    """Supernet state dict (TP1) -> the extracted model's state dict."""
+    keep = sorted(kept_layers(s.depth, layer_ranking(cfg.model.num_layers, cfg.elastic.layer_order)))
+    new_index = {old: new for new, old in enumerate(keep)}
+    width = kept_channels(s.ffn, cfg.moe.expert_ffn_hidden_size)
+    out = {}
+    for key, value in sd.items():
+        m = _LAYER.match(key)
+        if not m:
+            out[key] = value
+            continue
+        old = int(m.group(1))
+        if old not in new_index:
+            continue
+        sliced = _slice_layer(m.group(2), value, s, width)
+        if sliced is not None:
+            out[f"decoder.layers.{new_index[old]}.{m.group(2)}"] = sliced.clone() if torch.is_tensor(sliced) else sliced
+    return out
+
+
+def extract(run, s: Subnet, out_dir: Path) -> tuple[Path, int]:
+    """Build the plain model, fill it with the sliced weights, save; returns (checkpoint, #params)."""
+    from megatron_ernie.model.build import build_model
+
+    cfg = run.cfg
+    sub = subnet_config(cfg, s)
+    _, sub_model = build_model(sub.model, sub.moe, sub.parallel, run.groups, run.data.tokenizer.vocab_size,
+                               cfg.run.seed)
+    sliced = slice_state_dict(run.model[0].module.state_dict(), cfg, s)
+    sub_model[0].module.load_state_dict(sliced, strict=True)
+    n_params = sum(p.numel() for p in sub_model[0].parameters())
+    sub = dataclasses.replace(sub, run=dataclasses.replace(sub.run, dir=str(out_dir)),
+                              checkpoint=dataclasses.replace(sub.checkpoint, load=""))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    C.save_resolved(sub, tmp)
+    run.data.tokenizer.save(str(tmp / "tokenizer.json"))
+    meta = store.Meta(iteration=0, consumed_samples=0, consumed_tokens=0, layout={"world": 1},
+                      extra={"weights_only": True, "source": f"extracted {s} from {cfg.checkpoint.load}",
+                             "config": C.loader.to_dict(sub)})
+    path = store.save(tmp / "checkpoints", meta, sub_model, None,
+                      files={"config.toml": tmp / "config.toml", "tokenizer.json": tmp / "tokenizer.json"})
+    os.replace(tmp, out_dir)
+    return out_dir / "checkpoints" / path.name, n_params
+
+
+def main(argv=None) -> int:
+    from megatron_ernie.elastic.params import subnet_size
+    from megatron_ernie.elastic.session import open_supernet
+    from megatron_ernie.model.build import padded_vocab_size
+
+    p = argparse.ArgumentParser(prog="ernie extract", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True, help="a run trained with [elastic] enabled")
+    p.add_argument("--subnet", required=True, help='e.g. "depth=3,ffn=0.5,experts=2,topk=1"')
+    p.add_argument("--out", required=True, help="new directory for the extracted model (must not exist)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError("--out", args.out, "already exists; choose a new directory")
+    run = open_supernet(args.run_dir)
+    s = parse_subnet(args.subnet, run.cfg.model, run.cfg.moe)
+    ckpt, n_params = extract(run, s, out)
+    vocab = padded_vocab_size(run.data.tokenizer.vocab_size, 1)
+    predicted = subnet_size(run.cfg.model, run.cfg.moe, vocab, s, run.cfg.elastic.layer_order).total
+    print(f"extracted {s}: {n_params:,} parameters (predicted {predicted:,}) -> {ckpt}")
+    print(f"continue training: torchrun ... -m megatron_ernie.cli pretrain --config {out / 'config.toml'} "
+          f"--set checkpoint.load=\"{ckpt}\"")
+    return 0 if n_params == predicted else 1

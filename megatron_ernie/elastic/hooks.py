@@ -1,0 +1,47 @@
+"""What the pretraining loop calls when ``[elastic]`` is enabled."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from megatron_ernie.elastic import search
+from megatron_ernie.elastic.model import apply_subnet
+from megatron_ernie.elastic.params import subnet_size
+from megatron_ernie.elastic.subnet import choices, full_subnet, sample_step
+from megatron_ernie.elastic.train import elastic_train_step
+
+
+def elastic_step(run, batches):
+    cfg = run.cfg
+    axis_choices = choices(cfg.elastic, cfg.model, cfg.moe)
+    sampled = sample_step(cfg.elastic, axis_choices, run.progress.iteration, cfg.run.seed)
+    result, losses = elastic_train_step(run.model, run.optimizer, run.scheduler, batches, run.shape,
+                                        run.groups, sampled, cfg.elastic.distill_weight)
+    vocab = run.data.tokenizer.vocab_size
+    active = [subnet_size(cfg.model, cfg.moe, _padded(run, vocab), s, cfg.elastic.layer_order).active
+              for _, s in sampled]
+    scalars = {f"elastic/{k.replace('/', '_')}": v for k, v in losses.items() if k not in ("lm loss", "tokens")}
+    scalars["elastic/active_params_mean"] = sum(active) / len(active)
+    scalars["elastic/objective"] = result.loss  # the sandwich objective, distillation included
+    # the iteration line and train/loss report the largest sub-network's LM loss
+    return dataclasses.replace(result, loss=losses.get("loss/largest", result.loss)), scalars
+
+
+def _padded(run, vocab: int) -> int:
+    from megatron_ernie.model.build import padded_vocab_size
+
+    return padded_vocab_size(vocab, run.cfg.parallel.tensor)
+
+
+def use_full_model(run) -> None:
+    full = full_subnet(run.cfg.model, run.cfg.moe)
+    for chunk in run.model:
+        apply_subnet(chunk, full)
+
+
+def write_family(run) -> None:
+    """Evaluate a spread of sub-networks and write the family table and Pareto plot."""
+    rows = search.evaluate_family(run, run.cfg.elastic.eval_subnets)
+    search.write_outputs(rows, Path(run.cfg.run.dir) / "elastic", "family")
+    use_full_model(run)

@@ -1,0 +1,145 @@
+"""Sub-network specifications and how a step samples them.
+
+A ``Subnet`` names the kept size on each elastic axis.  Nesting makes one set
+of weights serve all of them (Once-for-All, Cai et al. 2020; MatFormer):
+
+* depth: layers are ranked once (``layer_ranking``) and depth d keeps the d
+  best-ranked layers.  The default ranking spreads kept layers evenly over
+  the network (0, L-1, then repeated bisection), so every pipeline stage
+  keeps layers and a smaller depth is a subset of a larger one.  The rule is
+  a property of the model, not of the parallel layout.
+* ffn: expert FFN channels [0, round(f*F)) are kept (a prefix).
+* experts: experts [0, E') are kept; the router only scores those.
+* topk: each token goes to its k best kept experts.
+
+Each training step uses the sandwich rule (Yu & Huang, "Universally
+Slimmable Networks"): the largest and smallest sub-network and n random ones.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from megatron_ernie.config.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Subnet:
+    depth: int
+    ffn: float
+    experts: int
+    topk: int
+
+    def __str__(self) -> str:
+        return f"depth={self.depth},ffn={self.ffn:g},experts={self.experts},topk={self.topk}"
+
+
+def full_subnet(model, moe) -> Subnet:
+    return Subnet(model.num_layers, 1.0, max(moe.num_experts, 1), max(moe.router_topk, 1))
+
+
+def choices(elastic, model, moe) -> dict[str, tuple]:
+    """The allowed values per axis, the full size always included."""
+    full = full_subnet(model, moe)
+    out = {}
+    for axis in ("depth", "ffn", "experts", "topk"):
+        values = set(getattr(elastic, axis)) | {getattr(full, axis)}
+        out[axis] = tuple(sorted(values))
+    return out
+
+
+def parse_subnet(text: str, model, moe) -> Subnet:
+    """'depth=3,ffn=0.5,experts=2,topk=1' (missing axes = full size)."""
+    values = full_subnet(model, moe).__dict__.copy()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, raw = part.partition("=")
+        if key not in values or not raw:
+            raise ConfigError("--subnet", text, "write it like depth=3,ffn=0.5,experts=2,topk=1")
+        try:
+            values[key] = float(raw) if key == "ffn" else int(raw)
+        except ValueError:
+            raise ConfigError("--subnet", text, f"{key} needs a number, got {raw!r}") from None
+    subnet = Subnet(**values)
+    check_subnet(subnet, model, moe)
+    return subnet
+
+
+def check_subnet(s: Subnet, model, moe, expert_tensor: int = 1) -> None:
+    """Rules every sub-network must satisfy; errors name the axis and the fix."""
+    L, E = model.num_layers, max(moe.num_experts, 1)
+    if not 1 <= s.depth <= L:
+        raise ConfigError("elastic.depth", s.depth, f"keep between 1 and model.num_layers={L} layers")
+    if not 0 < s.ffn <= 1:
+        raise ConfigError("elastic.ffn", s.ffn, "use a fraction in (0, 1]")
+    channels = kept_channels(s.ffn, moe.expert_ffn_hidden_size)
+    if channels < 1 or abs(channels - s.ffn * moe.expert_ffn_hidden_size) > 1e-6:
+        raise ConfigError("elastic.ffn", s.ffn, f"must keep a whole number of the {moe.expert_ffn_hidden_size} "
+                                                f"expert FFN channels")
+    if not 1 <= s.experts <= E:
+        raise ConfigError("elastic.experts", s.experts, f"keep between 1 and moe.num_experts={E} experts")
+    if not 1 <= s.topk <= s.experts:
+        raise ConfigError("elastic.topk", s.topk, f"top-k must be between 1 and the experts kept ({s.experts})")
+
+
+def kept_channels(ffn: float, width: int) -> int:
+    return int(round(ffn * width))
+
+
+def layer_ranking(num_layers: int, order: tuple[int, ...] = ()) -> list[int]:
+    """Layers, most important first. Default: ends first, then repeated bisection."""
+    if order:
+        if sorted(order) != list(range(num_layers)):
+            raise ConfigError("elastic.layer_order", order, f"must be a permutation of 0..{num_layers - 1}")
+        return list(order)
+    ranking, pending = [0, num_layers - 1][:num_layers], [(0, num_layers - 1)]
+    while pending:
+        lo, hi = pending.pop(0)
+        if hi - lo < 2:
+            continue
+        mid = (lo + hi) // 2
+        ranking.append(mid)
+        pending += [(lo, mid), (mid, hi)]
+    return ranking + [i for i in range(num_layers) if i not in ranking]
+
+
+def kept_layers(depth: int, ranking: list[int]) -> frozenset[int]:
+    return frozenset(ranking[:depth])
+
+
+def smallest(axis_choices: dict) -> Subnet:
+    return Subnet(*(axis_choices[a][0] for a in ("depth", "ffn", "experts", "topk")))
+
+
+def largest(axis_choices: dict) -> Subnet:
+    return Subnet(*(axis_choices[a][-1] for a in ("depth", "ffn", "experts", "topk")))
+
+
+def _open_axes(elastic, iteration: int) -> set[str]:
+    """Progressive shrinking: axes listed in ``progressive`` open one per phase."""
+    if not elastic.progressive:
+        return {"depth", "ffn", "experts", "topk"}
+    phase = iteration // elastic.progressive_interval
+    return set(elastic.progressive[: phase + 1])
+
+
+def sample_step(elastic, axis_choices: dict, iteration: int, seed: int) -> list[tuple[str, Subnet]]:
+    """The sandwich for one step: [('largest', ..), ('smallest', ..), ('random', ..)...]."""
+    big = largest(axis_choices)
+    open_axes = _open_axes(elastic, iteration)
+    rng = random.Random(f"{seed}:{iteration}")
+
+    def pick(axis, chooser):
+        values = axis_choices[axis]
+        return chooser(values) if axis in open_axes else getattr(big, axis)
+
+    def make(chooser) -> Subnet:
+        topk_values = axis_choices["topk"]
+        s = Subnet(pick("depth", chooser), pick("ffn", chooser), pick("experts", chooser), 0)
+        k_allowed = [k for k in topk_values if k <= s.experts] or [min(topk_values)]
+        k = chooser(tuple(k_allowed)) if "topk" in open_axes else min(big.topk, s.experts)
+        return Subnet(s.depth, s.ffn, s.experts, k)
+
+    out = [("largest", big), ("smallest", make(lambda v: v[0]))]
+    out += [("random", make(lambda v: rng.choice(v))) for _ in range(elastic.sandwich_random)]
+    return out
