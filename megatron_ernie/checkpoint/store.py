@@ -63,11 +63,18 @@ def model_state(model_chunks) -> dict:
     return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
+def _uses_distributed_optimizer(optimizer) -> bool:
+    return bool(getattr(getattr(optimizer, "config", None), "use_distributed_optimizer", False))
+
+
 def full_state(model_chunks, optimizer, is_loading: bool) -> dict:
     state = model_state(model_chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
-                                                          metadata=dict(_OPTIM_METADATA))
+        # The sharding metadata is only for the distributed optimizer; passing it to the
+        # plain one would prefix its keys with the chained-optimizer index, which depends
+        # on the layout (dense/expert optimizers split only when EP splits the DP group).
+        metadata = dict(_OPTIM_METADATA) if _uses_distributed_optimizer(optimizer) else None
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
 
@@ -163,8 +170,12 @@ def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as err:  # megatron reports missing/mismatched shards deep in its stack
-        raise CheckpointError(f"cannot load {path}: {err}. Check that the model config matches the "
-                              f"checkpoint's (see {path / META})") from err
+        hint = (" The optimizer state does not fit this layout (the distributed optimizer's state "
+                "reshards only when expert parallelism keeps the same optimizer split); resume with "
+                "--set checkpoint.load_optimizer=false to keep the weights, schedule and data position "
+                "and start fresh optimizer moments." if optimizer is not None and "optimizer" in str(err) else "")
+        raise CheckpointError(f"cannot load {path}: {str(err)[:500]}.{hint} Check that the model config "
+                              f"matches the checkpoint's (see {Path(path) / META})") from err
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
     if optimizer is not None:

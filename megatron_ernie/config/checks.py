@@ -58,7 +58,37 @@ def check_batch(train, par, world: int) -> int:
     return n
 
 
+def check_top1_routing(elastic, moe) -> None:
+    """Top-1 with softmax over the selected expert gives every token weight 1: the router
+    would get no gradient (megatron-core refuses it); top-1 needs pre-softmax routing."""
+    if moe.num_experts == 0 or moe.router_pre_softmax or moe.score_function != "softmax":
+        return
+    topks = set(elastic.topk) if elastic.enabled else set()
+    if moe.router_topk == 1 or 1 in topks:
+        field = "moe.router_topk" if moe.router_topk == 1 else "elastic.topk"
+        _check(False, field, moe.router_topk if moe.router_topk == 1 else elastic.topk,
+               "top-1 routing needs moe.router_pre_softmax = true (softmax over all experts)")
+
+
+def check_elastic_vs_parallel(elastic, model, moe, par) -> None:
+    """Every pipeline stage must keep at least one layer in every allowed depth."""
+    if not elastic.enabled:
+        return
+    from megatron_ernie.elastic.subnet import choices, kept_layers, layer_ranking
+
+    ranking = layer_ranking(model.num_layers, elastic.layer_order)
+    per_stage = model.num_layers // (par.pipeline * par.virtual_pipeline)
+    for depth in choices(elastic, model, moe)["depth"]:
+        keep = kept_layers(depth, ranking)
+        stages = {i // per_stage for i in keep}
+        _check(len(stages) == par.pipeline * par.virtual_pipeline, "elastic.depth", depth,
+               f"leaves a pipeline stage without layers at pipeline*virtual_pipeline = "
+               f"{par.pipeline * par.virtual_pipeline}; use depths >= that or set elastic.layer_order")
+
+
 def check_all(cfg, world: int) -> None:
+    check_top1_routing(cfg.elastic, cfg.moe)
+    check_elastic_vs_parallel(cfg.elastic, cfg.model, cfg.moe, cfg.parallel)
     check_model_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
     check_moe_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
     check_batch(cfg.train, cfg.parallel, world)

@@ -89,6 +89,7 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int = 0  # 0 = no shared expert
     first_dense_layers: int = 0  # leading layers with a dense FFN (DeepSeek/ERNIE style)
     score_function: str = "softmax"  # softmax | sigmoid
+    router_pre_softmax: bool = False  # softmax over all experts, then top-k (else softmax over the top-k)
     load_balancing: str = "aux_loss"  # aux_loss | seq_aux_loss | none (aux-loss-free uses expert_bias)
     aux_loss_coeff: float = 1e-2
     z_loss_coeff: float = 0.0
@@ -203,6 +204,7 @@ class CheckpointConfig:
     load: str = ""  # a checkpoint dir to initialise from (weights + state), empty = none
     resume: str = "auto"  # auto (from <run.dir>/checkpoints/latest if present) | none
     save_on_exit: bool = True
+    load_optimizer: bool = True  # false: take weights, schedule and data position, start fresh Adam moments
 
     def validate(self, path: str) -> None:
         _require(self.save_interval >= 0, f"{path}.save_interval", self.save_interval, "use 0 to save only at the end")

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists():
         raise ConfigError("--out", args.out, "already exists; choose a new directory")
-    run = open_supernet(args.run_dir)
+    run = open_supernet(args.run_dir, single_process=True)
     s = parse_subnet(args.subnet, run.cfg.model, run.cfg.moe)
     ckpt, n_params = extract(run, s, out)
     vocab = padded_vocab_size(run.data.tokenizer.vocab_size, 1)

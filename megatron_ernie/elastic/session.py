@@ -28,23 +28,25 @@ def supernet_config(run_dir: str | Path, overrides=()) -> tuple[C.ErnieConfig, P
     if latest is None:
         raise ConfigError("--run-dir", str(run_dir), "has no checkpoint yet (no checkpoints/latest)")
     cfg = C.load(run_dir / "config.toml", [
-        f"checkpoint.load=\"{latest}\"", "checkpoint.resume=\"none\"", "log.tensorboard=false",
+        f"checkpoint.load=\"{latest}\"", "checkpoint.resume=\"none\"", "checkpoint.load_optimizer=false",
+        "log.tensorboard=false",
         f"run.dir=\"{tempfile.mkdtemp(prefix='ernie-open-')}\"", *overrides])
     if not cfg.elastic.enabled:
         raise ConfigError("--run-dir", str(run_dir), "was not trained with [elastic] enabled")
     return cfg, latest
 
 
-def open_supernet(run_dir, overrides=()):
+def open_supernet(run_dir, overrides=(), single_process: bool = False):
     """A loaded ``Run`` (train/loop.py) of the supernet at this launch's layout.
 
-    Without a launcher (no WORLD_SIZE) it opens in one process at TP1/PP1/EP1.
+    Without a launcher (no WORLD_SIZE), or when asked, it opens in one process
+    at TP1/PP1/EP1.
     """
     import os
 
     from megatron_ernie.train import loop
 
-    if "WORLD_SIZE" not in os.environ:
+    if single_process or "WORLD_SIZE" not in os.environ:
         overrides = [*SINGLE_PROCESS, *overrides]
     cfg, _ = supernet_config(run_dir, overrides)
     return loop.setup(cfg)

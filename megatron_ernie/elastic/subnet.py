@@ -5,8 +5,8 @@ of weights serve all of them (Once-for-All, Cai et al. 2020; MatFormer):
 
 * depth: layers are ranked once (``layer_ranking``) and depth d keeps the d
   best-ranked layers.  The default ranking spreads kept layers evenly over
-  the network (0, L-1, then repeated bisection), so every pipeline stage
-  keeps layers and a smaller depth is a subset of a larger one.  The rule is
+  the network (0, L-1, then farthest-point order), so pipeline stages keep
+  layers and a smaller depth is a subset of a larger one.  The rule is
   a property of the model, not of the parallel layout.
 * ffn: expert FFN channels [0, round(f*F)) are kept (a prefix).
 * experts: experts [0, E') are kept; the router only scores those.
@@ -87,20 +87,22 @@ def kept_channels(ffn: float, width: int) -> int:
 
 
 def layer_ranking(num_layers: int, order: tuple[int, ...] = ()) -> list[int]:
-    """Layers, most important first. Default: ends first, then repeated bisection."""
+    """Layers, most important first.
+
+    Default: the first and last layer, then farthest-point order (each next
+    layer is the one farthest from all layers already kept; ties go to the
+    lower index), so every prefix is spread evenly over the network and over
+    pipeline stages.
+    """
     if order:
         if sorted(order) != list(range(num_layers)):
             raise ConfigError("elastic.layer_order", order, f"must be a permutation of 0..{num_layers - 1}")
         return list(order)
-    ranking, pending = [0, num_layers - 1][:num_layers], [(0, num_layers - 1)]
-    while pending:
-        lo, hi = pending.pop(0)
-        if hi - lo < 2:
-            continue
-        mid = (lo + hi) // 2
-        ranking.append(mid)
-        pending += [(lo, mid), (mid, hi)]
-    return ranking + [i for i in range(num_layers) if i not in ranking]
+    ranking = [0, num_layers - 1][:num_layers]
+    while len(ranking) < num_layers:
+        rest = [i for i in range(num_layers) if i not in ranking]
+        ranking.append(max(rest, key=lambda i: (min(abs(i - k) for k in ranking), -i)))
+    return ranking
 
 
 def kept_layers(depth: int, ranking: list[int]) -> frozenset[int]:

@@ -47,6 +47,7 @@ def _moe_fields(model, moe) -> dict:
         moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or None,
         moe_layer_freq=freq,
         moe_router_score_function=moe.score_function,
+        moe_router_pre_softmax=moe.router_pre_softmax,
         moe_router_load_balancing_type=balancing,
         moe_aux_loss_coeff=moe.aux_loss_coeff if balancing != "none" else 0.0,
         moe_z_loss_coeff=moe.z_loss_coeff or None,

@@ -107,7 +107,7 @@ def resume(run: Run) -> None:
     path = path or (Path(ck.load) if ck.load else None)
     if path is None:
         return
-    meta = store.load(path, run.model, run.optimizer)
+    meta = store.load(path, run.model, run.optimizer if ck.load_optimizer else None)
     if meta.extra.get("weights_only"):
         log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights-only checkpoint')})")
         return

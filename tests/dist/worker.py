@@ -24,7 +24,7 @@ from megatron_ernie.train import step as S
 BASE = [
     "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
     "model.ffn_hidden_size=128", "model.seq_length=32", "moe.num_experts=4", "moe.router_topk=2",
-    "moe.expert_ffn_hidden_size=64", "data.vocab_size=512", "train.global_batch_size=8",
+    "moe.expert_ffn_hidden_size=64", "moe.router_pre_softmax=true", "data.vocab_size=512", "train.global_batch_size=8",
     "train.micro_batch_size=2", "train.eval_interval=0", "train.eval_iters=2", "checkpoint.save_interval=0",
     "checkpoint.save_on_exit=false", "checkpoint.resume=none", "log.tensorboard=false", "log.level=\"WARNING\"",
     "schedule.warmup_iters=0",
@@ -125,7 +125,7 @@ def scenario_extract(case: dict, tmp: Path) -> dict:
     from megatron_ernie.elastic.subnet import parse_subnet
     from megatron_ernie.model.build import padded_vocab_size
 
-    supernet = open_supernet(case["run_dir"], ["train.eval_iters=2"])
+    supernet = open_supernet(case["run_dir"], ["train.eval_iters=2"], single_process=True)
     out = {}
     for i, text in enumerate(case["subnets"]):
         s = parse_subnet(text, supernet.cfg.model, supernet.cfg.moe)
