@@ -10,6 +10,7 @@ else.  Run distributed subcommands under ``torchrun`` or ``srun``::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_ernie import config as C
@@ -29,12 +30,20 @@ def _load(args) -> C.ErnieConfig:
 
 def cmd_pretrain(args) -> int:
     from megatron_ernie.train.loop import pretrain
+    from megatron_ernie.train.signals import EXIT_PREEMPTED
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"checkpoint.resume={args.resume}")
     args.overrides = overrides
-    return pretrain(_load(args))
+    code = pretrain(_load(args))
+    if code == EXIT_PREEMPTED:
+        # Exit at once after the final barrier: under srun --kill-on-bad-exit the first
+        # rank to exit 75 gets slower ranks killed while Python tears down.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_show_config(args) -> int:

@@ -88,7 +88,7 @@ def check_elastic_vs_parallel(elastic, model, moe, par) -> None:
 
 def check_all(cfg, world: int) -> None:
     check_top1_routing(cfg.elastic, cfg.moe)
-    check_elastic_vs_parallel(cfg.elastic, cfg.model, cfg.moe, cfg.parallel)
     check_model_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
     check_moe_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
+    check_elastic_vs_parallel(cfg.elastic, cfg.model, cfg.moe, cfg.parallel)
     check_batch(cfg.train, cfg.parallel, world)

@@ -44,7 +44,8 @@ def _coerce(path: str, value: Any, annotation) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(path, value, f"expected a {kind.__name__}, got {type(value).__name__}")
+        hint = "; quote it, e.g. --set 'key=\"value\"'" if kind is str else ""
+        raise ConfigError(path, str(value), f"expected a {kind.__name__}, got {type(value).__name__}{hint}")
     return value
 
 

@@ -74,6 +74,7 @@ def _num_samples(train) -> tuple[int, int, int]:
 
 
 def setup(cfg: C.ErnieConfig) -> Run:
+    stop = StopFlag()  # first: a scheduler signal during start-up must not kill the task
     world = distributed.init_distributed()
     C.validate(cfg, world)
     groups = G.build_groups(dims_from_config(cfg.parallel, world))
@@ -88,7 +89,7 @@ def setup(cfg: C.ErnieConfig) -> Run:
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.iters)
     run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(),
               make_writer(cfg.log.tensorboard, groups.is_logging_rank, Path(cfg.run.dir) / "tensorboard"),
-              ExpertLoadTracker(model), StopFlag())
+              ExpertLoadTracker(model), stop)
     _write_run_files(run)
     resume(run)
     return run
@@ -192,11 +193,13 @@ def train(run: Run) -> int:
         _log_iteration(run, result, timer.lap(), extra)
         if _due(p.iteration, t.eval_interval):
             evaluate(run)
-        if _due(p.iteration, run.cfg.checkpoint.save_interval):
+        saved = _due(p.iteration, run.cfg.checkpoint.save_interval)
+        if saved:
             save_checkpoint(run)
         if run.stop.agreed():
             log.warning(f"stop signal received: saving at iteration {p.iteration} and exiting for requeue")
-            save_checkpoint(run)
+            if not saved:  # never rewrite the checkpoint `latest` names inside the signal's lead time
+                save_checkpoint(run)
             return EXIT_PREEMPTED
         timer.lap()  # evaluation and saving do not count towards the next iteration's time
     if run.cfg.checkpoint.save_on_exit and not _due(p.iteration, run.cfg.checkpoint.save_interval):

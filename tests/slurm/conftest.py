@@ -8,7 +8,8 @@ stops it at the end if it started it.  A test uses:
 * ``cluster.env``: the environment for sbatch/srun/ernie (SLURM_CONF, Open MPI
   loopback settings, PYTHONPATH=repo); sbatch passes it on to the jobs;
 * ``cluster.run(args)``, ``cluster.sbatch(path)``, ``cluster.wait(job_id)``,
-  ``cluster.job(job_id)`` (``scontrol show job`` as a dict; no sacct here).
+  ``cluster.job(job_id)`` (``scontrol show job`` as a dict; no sacct here),
+  ``cluster.ended(job_id)`` (the final state, or None while it runs or waits).
 
 Jobs run on this host, so a test's tmp_path is visible to its tasks.
 """
@@ -54,6 +55,11 @@ class SlurmCluster:
         """`scontrol show job -o` as key -> value (the first het component for het jobs)."""
         line = self.run(["scontrol", "show", "job", "-o", job_id]).stdout.splitlines()[0]
         return dict(item.split("=", 1) for item in line.split() if "=" in item)
+
+    def ended(self, job_id: str) -> str | None:
+        """The job's final state once it has ended (COMPLETED, FAILED, ...), else None."""
+        state = self.job(job_id)["JobState"]
+        return state if state in DONE_STATES else None
 
     def wait(self, job_id: str, timeout: float = 60) -> dict[str, str]:
         """Poll until the job ends; returns its final `scontrol show job` record."""
