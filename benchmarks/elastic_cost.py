@@ -59,7 +59,7 @@ def last_eval(log: str) -> float:
 
 def pick_target(rows: list[dict]) -> dict:
     """Closest to 1/3 of the total and 1/2 of the active parameters of the largest."""
-    big = max(rows, key=lambda r: int(r["total_params"]))
+    big = max(rows, key=lambda r: (int(r["total_params"]), int(r["active_params"])))
     T, A = int(big["total_params"]), int(big["active_params"])
     return min(rows, key=lambda r: abs(int(r["total_params"]) / T - 1 / 3) + abs(int(r["active_params"]) / A - 1 / 2))
 
@@ -105,7 +105,7 @@ def main():
 def report(args, n_tokens, cont_tokens, rows, target, sup_loss, cont_loss, scratch_loss, sup):
     from megatron_ernie.elastic.search import plot_pareto
 
-    big = max(rows, key=lambda r: int(r["total_params"]))
+    big = max(rows, key=lambda r: (int(r["total_params"]), int(r["active_params"])))
     act_t = int(target["active_params"])
     sandwich_active = 3 * int(big["active_params"])  # upper bound: largest + smallest + random per token
     fl_sup = 6 * n_tokens * sandwich_active

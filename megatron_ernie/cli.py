@@ -61,6 +61,7 @@ PASSTHROUGH = {
     "summary": "megatron_ernie.observe.summary",
     "search": "megatron_ernie.elastic.search",
     "extract": "megatron_ernie.elastic.extract",
+    "reorder": "megatron_ernie.elastic.reorder",
 }
 # Subcommands served by a differently named function of a module.
 ENTRY = {"eval": ("megatron_ernie.elastic.search", "eval_main")}
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="validation loss of a supernet's sub-network (ernie eval --help)")
     sub.add_parser("search", help="best sub-network of a supernet under a budget (ernie search --help)")
     sub.add_parser("extract", help="a sub-network as a standalone checkpoint (ernie extract --help)")
+    sub.add_parser("reorder", help="sort experts/channels (and layers) of a supernet by importance")
     return parser
 
 

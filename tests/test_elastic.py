@@ -103,7 +103,7 @@ EXTRACT = ["depth=2,ffn=0.5,experts=2,topk=1", "depth=3,ffn=1,experts=4,topk=1"]
 @pytest.fixture(scope="module")
 def elastic_runs(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("elastic")
-    return tmp, run_worker("elastic", tmp, {"iters": 4, "layouts": LAYOUTS, "save_from": "ep2"}, nproc=4)
+    return tmp, run_worker("elastic", tmp, {"iters": 4, "layouts": LAYOUTS, "save_from": "dp4"}, nproc=4)
 
 
 @pytest.mark.slow
@@ -130,7 +130,7 @@ def extracted(elastic_runs):
     tmp, _ = elastic_runs
     out = tmp / "extract"
     out.mkdir()
-    return run_worker("extract", out, {"run_dir": str(tmp / "ep2"), "subnets": EXTRACT}, nproc=1)
+    return run_worker("extract", out, {"run_dir": str(tmp / "dp4"), "subnets": EXTRACT}, nproc=1)
 
 
 @pytest.mark.slow
@@ -160,7 +160,7 @@ def test_search_honours_the_budget(elastic_runs, tmp_path):
     import sys
 
     budget = 150_000
-    proc = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "search", "--run-dir", str(tmp / "ep2"),
+    proc = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "search", "--run-dir", str(tmp / "dp4"),
                            "--budget-active", str(budget), "--out", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": "29611"})
@@ -172,3 +172,17 @@ def test_search_honours_the_budget(elastic_runs, tmp_path):
     best = min(fitting, key=lambda r: float(r["valid_loss"]))
     assert f"best under active budget {budget:,}: {best['subnet']}" in proc.stdout
     assert (tmp_path / "search_pareto.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_importance_reordering_keeps_the_full_model_and_its_training(elastic_runs):
+    tmp, _ = elastic_runs
+    out = tmp / "reorder"
+    out.mkdir()
+    r = run_worker("reorder", out, {"run_dir": str(tmp / "dp4")}, nproc=1)
+    plain, moved = r["plain"], r["reordered"]
+    assert moved["eval_after"] == pytest.approx(moved["eval_before"], abs=1e-6)
+    assert any(perm != sorted(perm) for perm in moved["moved"].values())  # something actually moved
+    # weights and Adam moments permuted together: the same training trajectory
+    assert moved["steps"] == pytest.approx(plain["steps"], rel=1e-6)
+    assert moved["eval_trained"] == pytest.approx(plain["eval_trained"], rel=1e-6)

@@ -35,6 +35,13 @@ META = "meta.json"
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+_OPTIMIZER_HINT = (
+    " If only the parallel layout changed: optimizer state reshards across TP/PP/DP, but megatron-core "
+    "keeps separate dense/expert optimizers only when expert parallelism splits the data-parallel group, "
+    "so moving between EP=1 and EP>1 cannot regroup it; resume with --set checkpoint.load_optimizer=false "
+    "to keep weights, schedule and data position with fresh Adam moments.")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model."""
 
@@ -70,10 +77,12 @@ def _uses_distributed_optimizer(optimizer) -> bool:
 def full_state(model_chunks, optimizer, is_loading: bool) -> dict:
     state = model_state(model_chunks)
     if optimizer is not None:
-        # The sharding metadata is only for the distributed optimizer; passing it to the
-        # plain one would prefix its keys with the chained-optimizer index, which depends
-        # on the layout (dense/expert optimizers split only when EP splits the DP group).
-        metadata = dict(_OPTIM_METADATA) if _uses_distributed_optimizer(optimizer) else None
+        # Optimizer tensors are keyed by their parameter, without megatron's chained-optimizer
+        # index: that index depends on the layout (dense and expert parameters get separate
+        # optimizers only when expert parallelism splits the data-parallel group).
+        metadata = {"chained_optim_avoid_prefix": True}
+        if _uses_distributed_optimizer(optimizer):
+            metadata.update(_OPTIM_METADATA)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
 
@@ -121,8 +130,12 @@ def save(root, meta: Meta, model_chunks, optimizer, keep_last: int = 0, files: d
         for name, source in (files or {}).items():
             shutil.copyfile(source, tmp / name)
         _write_json_atomic(tmp / META, meta.__dict__)
-        shutil.rmtree(final, ignore_errors=True)
+        old = final.with_name(final.name + ".old")
+        if final.exists():  # re-saving an iteration: keep the old copy until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         _write_latest(root, final.name)
         prune(root, keep_last)
     _barrier()
@@ -131,7 +144,7 @@ def save(root, meta: Meta, model_chunks, optimizer, keep_last: int = 0, files: d
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all)."""
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
     for old in done[:-keep_last] if keep_last else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -143,6 +156,9 @@ def find_latest(root) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and (old / META).is_file():  # killed while re-saving this iteration
+        os.replace(old, path)
     if not (path / META).is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing; "
                               f"point it at a complete iter_* directory or remove it to start fresh")

@@ -142,8 +142,33 @@ def scenario_extract(case: dict, tmp: Path) -> dict:
     return out
 
 
+def _full_step(run, batches) -> float:
+    from megatron_ernie.elastic.hooks import use_full_model
+
+    use_full_model(run)
+    return S.train_step(run.model, run.optimizer, run.scheduler, batches, run.shape, run.groups).loss
+
+
+def scenario_reorder(case: dict, tmp: Path) -> dict:
+    """Reordering experts/channels (weights and Adam moments) leaves the full model unchanged."""
+    from megatron_ernie.data.loader import BatchLayout, iter_global_batches
+    from megatron_ernie.elastic import reorder
+    from megatron_ernie.elastic.session import open_supernet
+
+    out = {}
+    for name in ("plain", "reordered"):
+        run = open_supernet(case["run_dir"], ["checkpoint.load_optimizer=true"], single_process=True)
+        before = loop.evaluate(run)
+        moved = reorder.reorder(run) if name == "reordered" else {}
+        t = run.cfg.train
+        batches = list(zip(range(2), iter_global_batches(run.data.train, BatchLayout(t.global_batch_size, t.micro_batch_size), 64)))
+        out[name] = {"eval_before": before, "eval_after": loop.evaluate(run), "moved": moved,
+                     "steps": [_full_step(run, b) for _, b in batches], "eval_trained": loop.evaluate(run)}
+    return out
+
+
 SCENARIOS = {"equivalence": scenario_equivalence, "resume": scenario_resume, "elastic": scenario_elastic,
-             "extract": scenario_extract}
+             "extract": scenario_extract, "reorder": scenario_reorder}
 
 
 def main() -> None:
