@@ -7,6 +7,9 @@
 # benchmarks/gpu_fp8.py: a small MoE-like TE stack trained in bf16 and in every
 # FP8 recipe this TE/GPU supports. The table goes to stdout, the JSON to
 # $OUT/gpu_fp8.json (or ./gpu_fp8.json when OUT is unset).
+# FP8_GPU_TESTS=1 afterwards also runs the GPU-marked FP8 tests (emulation vs TE
+# per recipe, and 20 training steps of the tiny MoE with backend "te" vs bf16),
+# log in $OUT/gpu_fp8_tests.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +29,7 @@ except Exception as error:  # ImportError, or RuntimeError/OSError from a partia
 PY
 timeout "${FP8_BENCH_TIMEOUT:-420}" python benchmarks/gpu_fp8.py --json "$out/gpu_fp8.json" "$@" \
   2>&1 | tee "$out/gpu_fp8.log"
+if [[ "${FP8_GPU_TESTS:-0}" == "1" ]]; then
+  timeout "${FP8_TESTS_TIMEOUT:-300}" python -m pytest -q -m gpu tests/test_fp8.py tests/test_fp8_training.py \
+    2>&1 | tee "$out/gpu_fp8_tests.log"
+fi

@@ -429,6 +429,39 @@ def test_convert_output_layer_in_place_keeps_weights(megatron_single_rank):
         convert_linear_to_fp8(plain, cfg)
 
 
+def test_output_layer_state_travels_in_a_child_that_gpt_model_keeps(megatron_single_rank):
+    """GPTModel drops `output_layer._extra_state`; the child's key survives and round-trips."""
+    from megatron_ernie.precision.megatron_linear import convert_linear_to_fp8, keep_scaling_state_in_child
+
+    cfg = emulate("delayed", amax_history_len=2)
+    head, _ = _linears(cfg)["plain"]
+    convert_linear_to_fp8(head, cfg)
+    keep_scaling_state_in_child(head)
+    head(torch.randn(3, 1, 64))[0].sum().backward()
+    saved = head.state_dict()
+    assert saved["_extra_state"] is None
+    assert max(saved["fp8_scaling._extra_state"]["scaling"]["input"]["amax_history"].tolist()) > 0
+    fresh, _ = _linears(cfg, seed=1)["plain"]
+    convert_linear_to_fp8(fresh, cfg)
+    keep_scaling_state_in_child(fresh)
+    fresh.load_state_dict(saved)
+    for role in ("input", "weight", "grad_output"):
+        assert torch.equal(fresh.fp8_state.metas[role].scale, head.fp8_state.metas[role].scale)
+        assert torch.equal(fresh.fp8_state.metas[role].amax_history, head.fp8_state.metas[role].amax_history)
+
+
+def test_fp8_linear_output_may_be_edited_in_place_like_logits():
+    """megatron-core's vocab-parallel cross-entropy edits the logits in place."""
+    cfg = emulate("current")
+    recipe = build_emulated_recipe(cfg)
+    x = torch.randn(3, 2, 64, requires_grad=True)
+    weight = torch.randn(32, 64, requires_grad=True)
+    logits = emulated_fp8_linear(x, weight, None, recipe)
+    logits.sub_(logits.max(dim=-1, keepdim=True).values.detach())
+    logits.exp().sum().backward()
+    assert logits.shape == (3, 2, 32) and x.grad.shape == x.shape and weight.grad.abs().sum() > 0
+
+
 def test_spec_patching_swaps_linears_and_can_keep_experts_high_precision():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear

@@ -47,5 +47,5 @@ def test_extensions_compose_and_refuse_clashes():
     b = Extensions(layer_spec=(lambda i, s: s + [("b", i)],), tconfig={"y": 2})
     ab = a.merge(b)
     assert ab.rewrite_layer(3, []) == [("a", 3), ("b", 3)] and ab.tconfig == {"x": 1, "y": 2}
-    with pytest.raises(ValueError, match="same TransformerConfig fields"):
+    with pytest.raises(ValueError, match="same tconfig fields"):
         a.merge(Extensions(tconfig={"x": 5}))

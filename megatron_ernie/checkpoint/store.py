@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
 
 from megatron_ernie.checkpoint import rng
 
@@ -185,7 +186,7 @@ def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
     state = full_state(model_chunks, optimizer, is_loading=True)
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as err:  # megatron reports missing/mismatched shards deep in its stack
+    except (Exception, CheckpointException) as err:  # missing/mismatched shards, deep in megatron
         hint = (" The optimizer state does not fit this layout (the distributed optimizer's state "
                 "reshards only when expert parallelism keeps the same optimizer split); resume with "
                 "--set checkpoint.load_optimizer=false to keep the weights, schedule and data position "

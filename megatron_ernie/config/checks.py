@@ -86,7 +86,16 @@ def check_elastic_vs_parallel(elastic, model, moe, par) -> None:
                f"{par.pipeline * par.virtual_pipeline}; use depths >= that or set elastic.layer_order")
 
 
+def check_fp8(fp8, model, par) -> None:
+    from megatron_ernie.config.fp8 import validate_layer_counts
+
+    validate_layer_counts(fp8, "fp8", model.num_layers, par.pipeline)
+    _check(not fp8.param_gather or par.distributed_optimizer, "fp8.param_gather", fp8.param_gather,
+           "FP8 parameter all-gather needs parallel.distributed_optimizer = true")
+
+
 def check_all(cfg, world: int) -> None:
+    check_fp8(cfg.fp8, cfg.model, cfg.parallel)
     check_top1_routing(cfg.elastic, cfg.moe)
     check_model_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
     check_moe_vs_parallel(cfg.model, cfg.moe, cfg.parallel)

@@ -21,7 +21,10 @@ bf16_layers_at_start / bf16_layers_at_end:
 experts_in_fp8    run the MoE expert GEMMs (grouped or sequential) in FP8.
 output_layer_in_fp8
                   "emulate" only: the LM head in FP8. megatron-core builds its output
-                  layer outside TE, so with "te" it is always high precision.
+                  layer outside TE, so with "te" it is always high precision. With
+                  "delayed" its scaling state is checkpointed as
+                  output_layer.fp8_scaling._extra_state, so a checkpoint saved without
+                  this option (or another recipe) cannot be loaded with it.
 param_gather      keep weights in FP8 and all-gather them in FP8 (megatron-core
                   fp8_param + DDP fp8_param_gather; needs the distributed optimizer).
 wgrad_in_fp8      False computes the weight-gradient GEMM in high precision

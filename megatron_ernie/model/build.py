@@ -130,11 +130,11 @@ def build_chunks(tconfig, model, groups, vocab_size: int, ext: Extensions = Exte
     return chunks
 
 
-def wrap_ddp(chunks, tconfig, par) -> list:
+def wrap_ddp(chunks, tconfig, par, extra: dict | None = None) -> list:
     """megatron-core DDP (contiguous grad buffers; shards state with the distributed optimizer)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
-        use_distributed_optimizer=par.distributed_optimizer,
+        use_distributed_optimizer=par.distributed_optimizer, **(extra or {}),
     )
     return [DistributedDataParallel(tconfig, ddp_config, chunk,
                                     disable_bucketing=(i > 0)) for i, chunk in enumerate(chunks)]
@@ -163,6 +163,6 @@ def build_model(model, moe, par, groups, vocab_size: int, seed: int, ext: Extens
     tconfig = transformer_config(model, moe, par, **ext.tconfig)
     chunks = build_chunks(tconfig, model, groups, padded_vocab_size(vocab_size, par.tensor), ext)
     model_init.init_layout_invariant(chunks, seed, model.init_method_std, model.num_layers)
-    ddp_chunks = wrap_ddp(chunks, tconfig, par)
+    ddp_chunks = wrap_ddp(chunks, tconfig, par, ext.ddp)
     attach_grad_hooks(tconfig, ddp_chunks)
     return tconfig, ddp_chunks

@@ -22,13 +22,15 @@ class Extensions:
     layer_spec: tuple[LayerSpecFn, ...] = ()
     post_build: tuple[PostBuildFn, ...] = ()
     tconfig: dict = field(default_factory=dict)
+    ddp: dict = field(default_factory=dict)  # extra DistributedDataParallelConfig fields
 
     def merge(self, other: "Extensions") -> "Extensions":
-        clash = set(self.tconfig) & set(other.tconfig)
-        if clash:
-            raise ValueError(f"two features set the same TransformerConfig fields: {sorted(clash)}")
+        for name in ("tconfig", "ddp"):
+            clash = set(getattr(self, name)) & set(getattr(other, name))
+            if clash:
+                raise ValueError(f"two features set the same {name} fields: {sorted(clash)}")
         return Extensions(self.layer_spec + other.layer_spec, self.post_build + other.post_build,
-                          {**self.tconfig, **other.tconfig})
+                          {**self.tconfig, **other.tconfig}, {**self.ddp, **other.ddp})
 
     def rewrite_layer(self, index: int, spec):
         for fn in self.layer_spec:

@@ -8,8 +8,9 @@ recipes.py          which operand of which GEMM is quantised how (delayed, curre
 linear.py           the emulated FP8 linear (autograd.Function)
 megatron_linear.py  megatron-core Column/RowParallelLinear subclasses and spec patching
 te.py               the one mapping of FP8Config onto TE recipes and megatron-core fields
+model.py            `fp8_extensions`: what the [fp8] section changes in the model build
 report.py           `python -m megatron_ernie.precision.report`: error vs fp64 per recipe
 
 Nothing is imported here, so `import megatron_ernie.precision.te` does not pull in
-megatron-core and `...megatron_linear` is the only module that needs it.
+megatron-core; `...megatron_linear` and `...model` are the modules that need it.
 """

@@ -24,9 +24,8 @@ def _fp32(operand) -> torch.Tensor:
     return operand.float() if isinstance(operand, torch.Tensor) else operand.dequantize()
 
 
-def _fprop(x, weight, bias, recipe: EmulatedRecipe, state, amax_group, need_dgrad, need_wgrad):
-    """Forward GEMM; also returns the operands that backward needs (TE saves the same)."""
-    x2d = x.reshape(-1, x.shape[-1])
+def _fprop(x2d, weight, bias, recipe: EmulatedRecipe, state, amax_group, need_dgrad, need_wgrad):
+    """Forward GEMM of a 2-D input; also returns the operands backward needs (TE saves the same)."""
     x_fprop, x_wgrad = recipe.quantize_input(x2d, state, amax_group, need_wgrad)
     w_fprop, w_dgrad = recipe.quantize_weight(weight, state, amax_group, need_dgrad)
     out = x_fprop.dequantize() @ w_fprop.dequantize().t()
@@ -34,12 +33,16 @@ def _fprop(x, weight, bias, recipe: EmulatedRecipe, state, amax_group, need_dgra
         out = out + bias.float()
     if need_wgrad and not recipe.wgrad_in_fp8:
         x_wgrad = x2d.detach()
-    out = out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-    return out, w_dgrad, x_wgrad if need_wgrad else None
+    return out.to(x2d.dtype), w_dgrad, x_wgrad if need_wgrad else None
 
 
 class EmulatedFP8LinearFunction(torch.autograd.Function):
-    """autograd.Function for y = x W^T + b with FP8-quantised GEMM operands."""
+    """autograd.Function for y = x W^T + b with FP8-quantised GEMM operands.
+
+    Works on 2-D x ([tokens, in]) so that its output is a fresh tensor, never a
+    view: megatron-core's vocab-parallel cross-entropy edits the logits in place,
+    which autograd forbids on a view returned by a custom Function.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: EmulatedRecipe, state, amax_group):
@@ -88,6 +91,9 @@ def emulated_fp8_linear(
     """
     if state is None and recipe.stateful:
         raise ValueError(f"recipe {recipe.name!r} keeps scaling state: pass state=recipe.new_state()")
+    x2d = x.reshape(-1, x.shape[-1])
     if not torch.is_grad_enabled():  # inference (e.g. RL rollout): no backward operands
-        return _fprop(x, weight, bias, recipe, state, amax_group, False, False)[0]
-    return EmulatedFP8LinearFunction.apply(x, weight, bias, recipe, state, amax_group)
+        out = _fprop(x2d, weight, bias, recipe, state, amax_group, False, False)[0]
+    else:
+        out = EmulatedFP8LinearFunction.apply(x2d, weight, bias, recipe, state, amax_group)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

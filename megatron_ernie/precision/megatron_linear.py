@@ -13,7 +13,9 @@ megatron-core asks TE to do, so every rank holds the same scales.
 The scaling state is saved through `get_extra_state` / `set_extra_state`,
 which megatron-core's sharded_state_dict already turns into a ShardedObject
 (`<prefix>_extra_state`). It is deliberately not a buffer: Float16Module calls
-`.bfloat16()` on the model, which would round fp32 buffers.
+`.bfloat16()` on the model, which would round fp32 buffers. GPTModel's output
+layer is the exception: GPTModel drops that key, so `keep_scaling_state_in_child`
+moves the state to `<prefix>fp8_scaling._extra_state`.
 
 Not supported, with a clear error: defer_embedding_wgrad_compute (the output
 layer's deferred wgrad). gradient_accumulation_fusion is accepted; the
@@ -31,6 +33,7 @@ import dataclasses
 import functools
 from typing import Any, Optional, Tuple
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
@@ -81,21 +84,57 @@ class _EmulatedFP8Mixin:
 
     def get_extra_state(self) -> Optional[dict]:
         """Delayed-scaling meta (amax histories, scales); None for stateless recipes."""
-        if self.fp8_state is None:
+        if CHILD_STATE_NAME in self._modules:
             return None
-        return {"recipe": self.fp8_recipe.name, "scaling": self.fp8_state.state_dict()}
+        return _pack_scaling_state(self.fp8_recipe, self.fp8_state)
 
     def set_extra_state(self, state: Any) -> None:
         """Restore the meta; None (a bf16 or stateless checkpoint) keeps fresh scales."""
-        if state is None or self.fp8_state is None:
-            return
-        if not isinstance(state, dict) or state.get("recipe") != self.fp8_recipe.name:
-            found = state.get("recipe") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"checkpoint holds FP8 state of recipe {found!r}, model uses "
-                f"{self.fp8_recipe.name!r}; set fp8.recipe to match the checkpoint"
-            )
-        self.fp8_state.load_state_dict(state["scaling"])
+        if CHILD_STATE_NAME not in self._modules:
+            _load_scaling_state(self.fp8_recipe, self.fp8_state, state)
+
+
+def _pack_scaling_state(recipe, state) -> Optional[dict]:
+    if state is None:
+        return None
+    return {"recipe": recipe.name, "scaling": state.state_dict()}
+
+
+def _load_scaling_state(recipe, state, saved: Any) -> None:
+    if saved is None or state is None:
+        return
+    if not isinstance(saved, dict) or saved.get("recipe") != recipe.name:
+        found = saved.get("recipe") if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(
+            f"checkpoint holds FP8 state of recipe {found!r}, model uses "
+            f"{recipe.name!r}; set fp8.recipe to match the checkpoint"
+        )
+    state.load_state_dict(saved["scaling"])
+
+
+CHILD_STATE_NAME = "fp8_scaling"
+
+
+class FP8ScalingStateHolder(torch.nn.Module):
+    """Carries a linear's scaling state as `<linear>.fp8_scaling._extra_state`.
+
+    Needed for GPTModel's output layer: GPTModel.sharded_state_dict drops
+    `output_layer._extra_state` (megatron-core keeps that key only for old
+    checkpoints and asserts it is empty), so the state travels in this child,
+    which megatron-core's linear sharded_state_dict turns into a ShardedObject
+    like any other `_extra_state`. Holds the linear's own state object, which
+    loading updates in place.
+    """
+
+    def __init__(self, recipe, state):
+        super().__init__()
+        self.recipe, self.state = recipe, state
+
+    def get_extra_state(self) -> Optional[dict]:
+        return _pack_scaling_state(self.recipe, self.state)
+
+    def set_extra_state(self, state: Any) -> None:
+        _load_scaling_state(self.recipe, self.state, state)
 
 
 class EmulatedFP8ColumnParallelLinear(_EmulatedFP8Mixin, ColumnParallelLinear):
@@ -144,6 +183,24 @@ def convert_linear_to_fp8(linear, cfg: FP8Config):
         linear.__class__ = target
         linear._init_fp8()
     return linear
+
+
+def keep_scaling_state_in_child(linear) -> None:
+    """Checkpoint an FP8 linear's scaling state through a child module (see FP8ScalingStateHolder).
+
+    For GPTModel's output layer; a checkpoint saved without it lacks the
+    `output_layer.fp8_scaling._extra_state` object and cannot be loaded into a
+    model that has it (dist_checkpointing reports the missing key). Stateless
+    recipes have nothing to carry and get no child.
+    """
+    if linear.fp8_state is not None:
+        linear.add_module(CHILD_STATE_NAME, FP8ScalingStateHolder(linear.fp8_recipe, linear.fp8_state))
+
+
+def is_emulated_fp8_linear(module) -> bool:
+    """Whether `module` (or a class) is one of the FP8-emulating linears."""
+    cls = module if isinstance(module, type) else type(module)
+    return issubclass(cls, _EmulatedFP8Mixin)
 
 
 def layer_uses_fp8(cfg: FP8Config, layer_index: int, num_layers: int) -> bool:
@@ -210,5 +267,7 @@ __all__ = [
     "apply_fp8_to_spec",
     "convert_linear_to_fp8",
     "fp8_linear_classes",
+    "is_emulated_fp8_linear",
+    "keep_scaling_state_in_child",
     "layer_uses_fp8",
 ]

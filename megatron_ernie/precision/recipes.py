@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
-
 from megatron_ernie.config.fp8 import FP8Config
 from megatron_ernie.precision.formats import FP8Format, formats_for
 from megatron_ernie.precision.quantize import (

@@ -81,8 +81,8 @@ def setup(cfg: C.ErnieConfig) -> Run:
     setup_logging(cfg.log.level, groups.is_logging_rank)
     torch.manual_seed(cfg.run.seed)
     G.model_parallel_seed(cfg.run.seed)
+    ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8, elastic=cfg.elastic)  # refuses FP8 it cannot run
     data = setup_data(cfg.data, cfg.model.seq_length, _num_samples(cfg.train))
-    ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8, elastic=cfg.elastic)
     tconfig, model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, data.tokenizer.vocab_size,
                                  cfg.run.seed, ext)
     optimizer = build_optimizer(cfg.optimizer, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
