@@ -9,7 +9,7 @@ import pytest
 from megatron_ernie import config as C
 from megatron_ernie.config.loader import build
 
-from conftest import ROOT
+from harness import ROOT
 
 # (overrides, world size, the field the message must name, a word of the fix)
 BAD = [

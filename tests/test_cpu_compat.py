@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from harness import ROOT
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compat layer is for CPU-only hosts")
 

@@ -13,7 +13,7 @@ from megatron_ernie.elastic.params import subnet_size
 from megatron_ernie.elastic.subnet import (Subnet, choices, kept_layers, layer_ranking, parse_subnet,
                                            sample_step)
 
-from conftest import ROOT, run_worker, torchrun
+from harness import ROOT, run_worker, torchrun
 
 CFG = C.load(ROOT / "configs/tiny_cpu.toml")
 
@@ -94,7 +94,7 @@ def test_budget_selection():
 # --------------------------------------------------------- multi-process runs
 LAYOUTS = {
     "dp4": [], "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pipeline=2"],
-    "ep2": ["parallel.expert=2"],
+    "ep2": ["parallel.expert=2"], "dp4_distopt": ["parallel.distributed_optimizer=true"],
     "tp2_ep2": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"],
 }
 EXTRACT = ["depth=2,ffn=0.5,experts=2,topk=1", "depth=3,ffn=1,experts=4,topk=1"]
@@ -151,6 +151,23 @@ def test_extracted_checkpoint_continues_training_at_another_layout(extracted, tm
     assert "initialised weights from" in proc.stdout
     losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", proc.stdout)]
     assert len(losses) == 3 and losses[0] < 7.0  # a fresh init starts near ln(2048) = 7.6
+
+
+@pytest.mark.slow
+def test_eval_cli_reports_the_same_subnet_loss(elastic_runs):
+    import os
+    import subprocess
+    import sys
+
+    tmp, r = elastic_runs
+    text = "depth=2,ffn=0.5,experts=2,topk=1"
+    proc = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "eval", "--run-dir", str(tmp / "dp4"),
+                           "--subnet", text], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "MASTER_PORT": "29612"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = proc.stdout.strip().splitlines()[-1].split()
+    assert row[0] == text
+    assert float(row[4]) == pytest.approx(r["dp4"]["subnets"][text], abs=5e-5)  # the table prints 4 decimals
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import pytest
 
 import tomllib
 
-from conftest import ROOT, run_worker
+from harness import ROOT, run_worker
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, torchrun
+from harness import ROOT, torchrun
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.config.fp8 import FP8Config
 

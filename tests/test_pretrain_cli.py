@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, torchrun
+from harness import ROOT, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,10 @@ def test_tensorboard_scalars_match_the_log(run):
     acc = _events(run_dir)
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/iteration_ms",
-                "system/memory_mb", "eval/loss", "expert_load/layer_2/imbalance"):
+                "system/memory_mb", "eval/loss", "expert_load/layer_2/imbalance",
+                # the quickstart is an elastic supernet: per sampled sub-network class
+                "elastic/loss_largest", "elastic/loss_smallest", "elastic/loss_random", "elastic/distill",
+                "elastic/active_params_mean"):
         assert tag in tags, (tag, sorted(tags))
     logged = {int(m.group(1)): float(m.group(3)) for m in LINE.finditer(out)}
     board = {e.step: e.value for e in acc.Scalars("train/loss")}
@@ -66,6 +69,16 @@ def test_tensorboard_scalars_match_the_log(run):
     assert "expert_load/layer_1/imbalance" not in tags
 
 
+def test_elastic_scalars_are_consistent(run):
+    run_dir, _ = run
+    acc = _events(run_dir)
+    largest = {e.step: e.value for e in acc.Scalars("elastic/loss_largest")}
+    board = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert largest == pytest.approx(board)  # the iteration line reports the largest sub-network
+    smallest = [e.value for e in acc.Scalars("elastic/loss_smallest")]
+    assert smallest[-1] > min(largest.values()) - 0.5 and all(v > 0 for v in smallest)
+
+
 def test_run_directory_holds_config_tokenizer_and_checkpoints(run):
     run_dir, _ = run
     assert (run_dir / "config.toml").read_text().count("[moe]") == 1
@@ -73,6 +86,11 @@ def test_run_directory_holds_config_tokenizer_and_checkpoints(run):
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "iter_0000030"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000015", "iter_0000030"]
+    import csv
+
+    family = list(csv.DictReader(open(run_dir / "elastic" / "family.csv")))
+    assert len(family) == 8 and (run_dir / "elastic" / "pareto.png").stat().st_size > 10_000
+    assert family[-1]["subnet"] == "depth=4,ffn=1,experts=4,topk=2"  # the largest is always included
     import json
 
     meta = json.loads((ckpts / "iter_0000030" / "meta.json").read_text())

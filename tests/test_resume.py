@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_worker
+from harness import run_worker
 
 pytestmark = pytest.mark.slow
 
