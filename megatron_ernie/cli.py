@@ -40,6 +40,10 @@ def cmd_pretrain(args) -> int:
     if code == EXIT_PREEMPTED:
         # Exit at once after the final barrier: under srun --kill-on-bad-exit the first
         # rank to exit 75 gets slower ranks killed while Python tears down.
+        import multiprocessing
+
+        for child in multiprocessing.active_children():  # e.g. the checkpoint writer's manager
+            child.terminate()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

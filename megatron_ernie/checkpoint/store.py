@@ -115,6 +115,27 @@ def _write_latest(root: Path, name: str) -> None:
     os.replace(tmp, root / LATEST)
 
 
+def _revive_writer_queue() -> None:
+    """Drop dist_checkpointing's results-queue manager if its process has died.
+
+    megatron-core writes shards through a multiprocessing Manager started on the
+    first save and reused afterwards.  Slurm delivers its pre-timeout USR1 (and
+    preemption TERM) to every process of the job step, so that helper dies, and
+    the very save the signal asks for would fail with BrokenPipeError.  Forgetting
+    the dead manager makes megatron-core start a fresh one.  (Blocking the signals
+    in the helper instead would let it outlive a cancelled job.)
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    if queue is None:
+        return
+    try:
+        queue.qsize()
+    except Exception:  # the proxy's process is gone
+        filesystem_async._results_queue = None
+
+
 def save(root, meta: Meta, model_chunks, optimizer, keep_last: int = 0, files: dict | None = None) -> Path:
     """Save a complete checkpoint for ``meta.iteration``; returns its directory."""
     root = Path(root)
@@ -124,6 +145,7 @@ def save(root, meta: Meta, model_chunks, optimizer, keep_last: int = 0, files: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    _revive_writer_queue()
     dist_checkpointing.save(full_state(model_chunks, optimizer, is_loading=False), str(tmp))
     rng.save(tmp)
     _barrier()

@@ -16,31 +16,9 @@ import torch.distributed as dist
 from megatron_ernie.runtime.env import EXIT_REQUEUE as EXIT_PREEMPTED  # 75, EX_TEMPFAIL
 
 
-def start_checkpoint_helpers(signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
-    """Start dist_checkpointing's writer-results Manager with the stop signals blocked.
-
-    Slurm delivers USR1/TERM to every process of a job step, not only to the
-    task; the Manager (a spawned process without our handler) would die and
-    the very save the signal asks for fails with BrokenPipeError.  A blocked
-    signal mask survives fork and exec, so the helper never receives them.
-    """
-    from multiprocessing import resource_tracker
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
-    try:
-        resource_tracker.ensure_running()  # spawn's helper; starting, it unblocks SIGTERM ...
-        signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))  # ... so block again
-        filesystem_async._get_write_results_queue()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 class StopFlag:
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.received: int | None = None
-        start_checkpoint_helpers(signals)
         for sig in signals:
             signal.signal(sig, self._handle)
 

@@ -157,12 +157,17 @@ def kill_task(job_id: str, rank: int, restart: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def end_leftovers(job_ids) -> list[int]:
-    """Kill what the jobs left behind (nothing, if Slurm cleaned up); returns those pids."""
+def end_leftovers(job_ids) -> list[str]:
+    """Kill what the jobs left behind (nothing, if Slurm cleaned up); returns their command lines."""
     left = [p for job_id in job_ids for p in job_processes(job_id) if p != os.getpid()]
+    described = []
     for pid in left:
+        try:
+            described.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ')[:200]!r}")
+        except OSError:
+            described.append(str(pid))
         os.kill(pid, signal.SIGKILL)
-    return left
+    return described
 
 
 def interrupt_job_b(watch: LogWatch) -> int:
