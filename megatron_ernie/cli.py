@@ -66,6 +66,7 @@ PASSTHROUGH = {
     "search": "megatron_ernie.elastic.search",
     "extract": "megatron_ernie.elastic.extract",
     "reorder": "megatron_ernie.elastic.reorder",
+    "rl": "megatron_ernie.rl.main",
 }
 # Subcommands served by a differently named function of a module.
 ENTRY = {"eval": ("megatron_ernie.elastic.search", "eval_main")}
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("search", help="best sub-network of a supernet under a budget (ernie search --help)")
     sub.add_parser("extract", help="a sub-network as a standalone checkpoint (ernie extract --help)")
     sub.add_parser("reorder", help="sort experts/channels (and layers) of a supernet by importance")
+    sub.add_parser("rl", help="disaggregated asynchronous RL: controller, trainer, rollout, reward (ernie rl --help)")
     return parser
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_ernie.rl.system import SystemConfig
+
 from megatron_ernie.config.errors import ConfigError
 
 ADVANTAGE_ESTIMATORS = ("grpo",)
@@ -198,8 +200,10 @@ class RLConfig:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
     def validate(self, path: str) -> None:
+        self.system.validate(f"{path}.system")
         self.algorithm.validate(f"{path}.algorithm")
         self.sampling.validate(f"{path}.sampling")
         self.buffer.validate(f"{path}.buffer")

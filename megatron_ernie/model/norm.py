@@ -16,7 +16,7 @@ class RMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm with megatron-core's constructor and SP tagging."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
 
@@ -24,6 +24,6 @@ class LayerNorm(torch.nn.LayerNorm):
     """torch LayerNorm with megatron-core's constructor and SP tagging."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in self.parameters():
             p.sequence_parallel = bool(config.sequence_parallel)

@@ -1,0 +1,203 @@
+"""The trainer's RL step on megatron-core: policy-gradient loss through the pipeline schedules.
+
+Same machinery as pretraining (build_model, megatron's DDP, optimizer,
+get_forward_backward_func with calculate_per_token_loss), with a different
+forward step: the model returns logits, the loss function turns them into
+per-token log-probs of the sampled tokens and applies `algorithms.rl_loss`
+(GRPO advantages, PPO clip, TIS against the rollout log-probs, optional K3
+to a frozen reference, entropy). Each micro-batch returns its *sum* of
+per-token losses and its token count, so megatron divides gradients by the
+token count of the whole global batch: "token-mean" aggregation stays exact
+whatever the micro-batch / DP / PP split.
+
+One optimizer step per batch: pi_old is the current weights (detached), so
+the PPO ratio is 1 and the clip only acts through importance correction;
+clip fraction is still reported. Stale samples are corrected by TIS, whose
+weights use the rollout's log-probs.
+
+Routing: with rl.system.routing_replay the trainer replays the rollout's
+experts (routing.py, mode "replay"), else it only compares ("compare"). Both
+count where the trainer's own router disagrees with the rollout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.model import init as model_init
+from megatron_ernie.model.build import build_chunks, build_model, padded_vocab_size, transformer_config
+from megatron_ernie.model.extensions import extensions_for
+from megatron_ernie.rl.algorithms import entropy_from_logits, masked_mean, rl_loss, rollout_kl_k3, token_logprobs
+from megatron_ernie.rl.batch import PolicyBatch
+from megatron_ernie.rl.routing import RoutingReplay
+from megatron_ernie.rl.weight_sync import shard_views
+from megatron_ernie.train.optim import build_optimizer, build_scheduler
+
+METRICS = ("pg_loss", "clip_fraction", "ratio_mean", "rollout_kl_k3", "entropy", "ref_kl_k3")
+
+
+class PolicyTrainer:
+    """Model, optimizer and the RL train step of one trainer rank."""
+
+    def __init__(self, cfg, groups, vocab_size: int, routing_replay: bool = True):
+        if groups.dims.cp > 1:
+            raise ConfigError("parallel.context", groups.dims.cp, "RL training supports context = 1 for now")
+        self.cfg, self.groups, self.vocab_size = cfg, groups, vocab_size
+        self.algorithm, self.temperature = cfg.rl.algorithm, cfg.rl.sampling.temperature
+        ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8)
+        self.tconfig, self.model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, vocab_size, cfg.run.seed, ext)
+        self.optimizer = build_optimizer(cfg.optimizer, cfg.parallel, self.model, groups.pgs,
+                                         bf16=cfg.model.dtype == "bf16")
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.schedule, cfg.train.iters)
+        self.routing = self._routing(self.model)
+        self.replay = routing_replay and self.routing is not None
+        self.views = shard_views(self.model)
+        self.reference = self._reference(ext) if self.algorithm.kl_coef > 0 else None
+        self.version = 0
+
+    def _routing(self, chunks, tconfig=None) -> RoutingReplay | None:
+        if not self.cfg.moe.num_experts:
+            return None
+        tconfig = tconfig or self.tconfig
+        sp = tconfig.sequence_parallel
+        return RoutingReplay(chunks, tconfig, self.groups.tp_rank if sp else 0, self.groups.dims.tp if sp else 1)
+
+    def _reference(self, ext):
+        """A frozen copy of the initial policy for the K3 penalty (own routers, own replay state)."""
+        if self.groups.dims.pp > 1:
+            raise ConfigError("rl.algorithm.kl_coef", self.algorithm.kl_coef,
+                              "a reference model needs parallel.pipeline = 1; set kl_coef = 0 with pipelining")
+        # a fresh TransformerConfig: the trainer's carries DDP hooks (process groups), which modules deep-copy
+        tconfig = transformer_config(self.cfg.model, self.cfg.moe, self.cfg.parallel, **ext.tconfig)
+        chunks = build_chunks(tconfig, self.cfg.model, self.groups,
+                              padded_vocab_size(self.vocab_size, self.groups.dims.tp), ext)
+        model_init.init_layout_invariant(chunks, self.cfg.run.seed, self.cfg.model.init_method_std,
+                                         self.cfg.model.num_layers)
+        reference = chunks[0]
+        reference.load_state_dict(self.model[0].module.state_dict(), strict=True)
+        reference.eval()
+        return reference, self._routing(chunks, tconfig)
+
+    # -------------------------------------------------------------- log-probs
+    def _vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits of the real tokens (padding rows cut), divided by the sampling temperature."""
+        if self.groups.dims.tp > 1:
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+        return logits[..., : self.vocab_size].float() / self.temperature
+
+    def _set_routes(self, routing, mb: dict, mode: str) -> None:
+        if routing is not None:
+            routing.set_mode(mode)
+            routing.set_targets(mb.get("routes"))
+
+    def _reference_logprobs(self, mb: dict) -> torch.Tensor:
+        model, routing = self.reference
+        self._set_routes(routing, mb, "replay" if self.replay else "off")
+        with torch.no_grad():
+            logits = model(mb["tokens"], mb["position_ids"], None)
+        return token_logprobs(self._vocab_logits(logits), mb["labels"])
+
+    # ------------------------------------------------------------- the step
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        ref_logprobs = self._reference_logprobs(mb) if self.reference is not None else None
+        self._set_routes(self.routing, mb, "replay" if self.replay else "compare")
+        output = model(mb["tokens"], mb["position_ids"], None)
+        return output, partial(self._loss, mb, ref_logprobs)
+
+    def _loss(self, mb: dict, ref_logprobs, logits):
+        logits = self._vocab_logits(logits)
+        logprobs = token_logprobs(logits, mb["labels"])
+        entropy = entropy_from_logits(logits.detach())
+        mask = mb["loss_mask"]
+        loss, metrics = rl_loss(logprobs, logprobs.detach(), mb["rollout_logprobs"], mb["advantages"], mask,
+                                self.algorithm, ref_logprobs=ref_logprobs, entropy=entropy)
+        weight = mask.sum() if self.algorithm.loss_agg == "token-mean" else (mask.sum(-1) > 0).sum().float()
+        stats = torch.stack([metrics.get(k, torch.tensor(0.0)) * weight for k in METRICS] + [weight])
+        return loss * weight, weight.to(torch.int), {"rl": stats.detach()}
+
+    def microbatches(self, batch: PolicyBatch) -> list[dict]:
+        dims, micro = self.groups.dims, self.cfg.train.micro_batch_size
+        if batch.size % (dims.dp * micro):
+            raise ConfigError("train.micro_batch_size", micro,
+                              f"the batch of {batch.size} samples (prompts_per_step * n_per_prompt) must split into "
+                              f"micro-batches of {micro} on {dims.dp} data-parallel ranks")
+        per_rank = batch.size // dims.dp
+        first = self.groups.dp_rank * per_rank
+        return [batch.rows(slice(i, i + micro)) for i in range(first, first + per_rank, micro)]
+
+    def train_step(self, batch: PolicyBatch) -> dict:
+        """Forward/backward over the micro-batches, one optimizer step; returns metrics (same on all ranks)."""
+        micro = self.microbatches(batch)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        dims = self.groups.dims
+        fb = get_forward_backward_func(pp_size=dims.pp, vp_size=dims.vpp if dims.vpp > 1 else None)
+        iterators = [iter(micro) for _ in self.model] if len(self.model) > 1 else iter(micro)
+        outputs = fb(forward_step_func=self._forward_step, data_iterator=iterators, model=self.model,
+                     num_microbatches=len(micro), seq_length=batch.seq_length,
+                     micro_batch_size=self.cfg.train.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.version += 1
+        metrics = self._reduce(outputs)
+        metrics.update(grad_norm=grad_norm or 0.0, lr=self.optimizer.param_groups[0]["lr"], skipped=float(not ok))
+        metrics.update(self._routing_metrics())
+        return metrics
+
+    def _reduce(self, outputs) -> dict:
+        """Token-weighted means over micro-batches and DP ranks, shared along the pipeline."""
+        total = torch.zeros(len(METRICS) + 1)
+        if outputs:
+            total = torch.stack([o["rl"] for o in outputs]).sum(0)
+            dist.all_reduce(total, group=self.groups.pgs.dp_cp)
+        if self.groups.dims.pp > 1:
+            last = dist.get_global_rank(self.groups.pgs.pp, self.groups.dims.pp - 1)
+            dist.broadcast(total, src=last, group=self.groups.pgs.pp)
+        weight = max(float(total[-1]), 1.0)
+        out = {k: float(v) / weight for k, v in zip(METRICS, total[:-1])}
+        if self.algorithm.kl_coef == 0:
+            out.pop("ref_kl_k3")
+        return out
+
+    def _routing_metrics(self) -> dict:
+        if self.routing is None:
+            return {}
+        counts = torch.tensor(self.routing.take_mismatch(), dtype=torch.float64)
+        dist.all_reduce(counts)  # layers live on PP stages, tokens on DP ranks; TP copies cancel in the ratio
+        own = float(counts[0] / counts[1].clamp(min=1))
+        return {"routing_mismatch_own": own, "routing_mismatch_used": 0.0 if self.replay else own}
+
+    # ------------------------------------------------------- measurement
+    @torch.no_grad()
+    def sequence_logprobs(self, batch: PolicyBatch, mode: str) -> tuple[torch.Tensor, float]:
+        """Trainer log-probs [N, S] of the batch (PP = 1), routing mode "off"/"compare"/"replay";
+        also the share of (token, MoE layer) rows whose own top-k differs from the rollout's."""
+        if self.groups.dims.pp > 1:
+            raise ValueError("sequence_logprobs needs parallel.pipeline = 1")
+        model = self.model[0]
+        model.eval()
+        out = []
+        for mb in [batch.rows(slice(i, i + 1)) for i in range(batch.size)]:
+            self._set_routes(self.routing, mb, mode)
+            out.append(token_logprobs(self._vocab_logits(model(mb["tokens"], mb["position_ids"], None)),
+                                      mb["labels"]))
+        model.train()
+        mismatched, compared = self.routing.take_mismatch() if self.routing else (0, 0)
+        if self.routing is not None:
+            self.routing.set_mode("off")
+        return torch.cat(out), mismatched / max(compared, 1)
+
+
+def rollout_k3(train_logprobs: torch.Tensor, batch: PolicyBatch) -> float:
+    """Masked mean K3 (r = pi_rollout / pi_train) over the batch's response tokens."""
+    return float(masked_mean(rollout_kl_k3(train_logprobs, batch.rollout_logprobs), batch.loss_mask))
+

@@ -1,0 +1,50 @@
+"""The reward role: a CPU process that scores Samples for the controller.
+
+Receives Samples, scores every sample that has arrived since the last batch
+with `RewardWorker` (concurrent sandboxes), returns ScoredSamples. Never
+raises on a bad sample (a crashing program, a failing sandbox or a buggy
+verifier all become reward 0 with a status), so one poisoned response costs
+one sample, not the run. Imports neither torch nor megatron.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from megatron_ernie.rl.control import Heartbeats, Hello, connect, recv_or_none
+from megatron_ernie.rl.protocol import Sample, Shutdown
+from megatron_ernie.rl.reward.worker import RewardWorker
+
+log = logging.getLogger("megatron_ernie.rl.reward")
+
+
+def serve(channel, worker: RewardWorker, rank: int = 0) -> int:
+    """Score until Shutdown; returns the exit code (75 when the controller asks for a requeue)."""
+    while True:
+        message = recv_or_none(channel, 0.5)
+        samples = []
+        while message is not None:
+            if isinstance(message, Shutdown):
+                return 75 if message.reason == "requeue" else 0
+            if isinstance(message, Sample):
+                samples.append(message)
+            else:
+                log.warning(f"reward {rank}: ignoring unexpected {type(message).__name__}")
+            message = recv_or_none(channel, 0.0)
+        for scored in worker.score(samples):
+            channel.send(scored)
+
+
+def run_reward(cfg, system, rank: int, address, authkey: bytes, concurrency: int = 2) -> int:
+    channel = connect(address, authkey, Hello("reward", rank, os.getpid(), socket.gethostname()))
+    beats = Heartbeats(channel, "reward", rank, system.heartbeat_s)
+    try:
+        with RewardWorker(cfg.rl.sandbox, concurrency) as worker:
+            return serve(channel, worker, rank)
+    except EOFError:
+        log.error(f"reward {rank}: the controller closed the connection; exiting")
+        return 1
+    finally:
+        beats.stop()

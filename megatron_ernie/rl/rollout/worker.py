@@ -1,0 +1,162 @@
+"""The rollout role: takes prompts from the controller, generates, returns Samples; new weights in between.
+
+Loop: drain the controller's messages (prompt requests queue up; a SyncPlan is
+served at once: join the broadcast, load the weights, report), then generate
+one batch of queued prompts with the weights of the version currently held,
+send one Sample per response and a RolloutStats. Weights therefore change
+only between generation batches, and every Sample carries the version that
+produced it. A worker holds no state the run needs: when it dies, the
+controller reissues its prompts elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+
+import torch.distributed as dist
+
+from megatron_ernie.rl.control import Heartbeats, Hello, SyncDone, SyncPlan, RolloutStats, connect, recv_or_none
+from megatron_ernie.rl.protocol import PromptRequest, Sample, Shutdown
+from megatron_ernie.rl.rollout.engine import GenerationEngine, SamplingParams
+from megatron_ernie.rl.weight_sync import GroupAddress, connect_group, receive_weights
+
+log = logging.getLogger("megatron_ernie.rl.rollout")
+
+
+def init_solo_world(seed: int):
+    """This process as a torch world of one (megatron-core needs its groups even unsharded)."""
+    from megatron_ernie.runtime import cpu_compat, distributed, groups as G
+    from megatron_ernie.runtime.dims import ParallelDims
+
+    cpu_compat.apply()
+    if not dist.is_initialized():
+        dist.init_process_group(distributed.backend(), store=dist.HashStore(), rank=0, world_size=1)
+    groups = G.build_groups(ParallelDims(world=1))
+    G.model_parallel_seed(seed)
+    return groups
+
+
+class RolloutWorker:
+    def __init__(self, engine: GenerationEngine, tokenizer, sampling, system, channel, rank: int = 0):
+        self.engine, self.tokenizer, self.sampling = engine, tokenizer, sampling
+        self.system, self.channel, self.rank = system, channel, rank
+        self.queue: deque[PromptRequest] = deque()
+        self._group, self._generation = None, -1
+        self.shutdown: Shutdown | None = None
+
+    def run(self) -> int:
+        while self.shutdown is None:
+            self._drain(timeout_s=0.0 if self._can_generate() else 0.2)
+            if self.shutdown is None and self._can_generate():
+                self._generate_batch()
+        return 75 if self.shutdown.reason == "requeue" else 0
+
+    def _can_generate(self) -> bool:
+        return bool(self.queue) and self.engine.policy_version >= 0
+
+    def _drain(self, timeout_s: float) -> None:
+        message = recv_or_none(self.channel, timeout_s)
+        while message is not None:
+            self._handle(message)
+            if self.shutdown is not None:
+                return
+            message = recv_or_none(self.channel, 0.0)
+
+    def _handle(self, message) -> None:
+        if isinstance(message, PromptRequest):
+            self.queue.append(message)
+        elif isinstance(message, SyncPlan):
+            self._sync(message)
+        elif isinstance(message, Shutdown):
+            self.shutdown = message
+        else:
+            log.warning(f"rollout {self.rank}: ignoring unexpected {type(message).__name__}")
+
+    # ---------------------------------------------------------------- weights
+    def _sync(self, plan: SyncPlan) -> None:
+        try:
+            if plan.generation != self._generation:
+                self._group = None  # the old group's members changed; never reuse it
+                self._group = connect_group(GroupAddress(plan.host, plan.port, plan.generation, plan.rank,
+                                                         plan.size), self.system.sync_timeout_s)
+                self._generation = plan.generation
+            tensors, stats = receive_weights(self._group, plan.ready, self.engine.weight_shapes())
+            self.engine.load_weights(tensors, plan.ready.version)
+            self.channel.send(SyncDone(plan.ready.version, plan.generation, True, stats.nbytes, stats.seconds))
+        except (RuntimeError, ValueError) as exc:  # gloo reports a dead peer or a timeout as RuntimeError
+            self._group, self._generation = None, -1
+            self.channel.send(SyncDone(plan.ready.version, plan.generation, False, detail=str(exc)[:300]))
+
+    # ------------------------------------------------------------- generation
+    def _take_batch(self) -> list[PromptRequest]:
+        first = self.queue.popleft()
+        batch = [first]
+        while self.queue and len(batch) < self.system.rollout_batch_prompts \
+                and self.queue[0].max_new_tokens == first.max_new_tokens:
+            batch.append(self.queue.popleft())
+        return batch
+
+    def _generate_batch(self) -> None:
+        requests = self._take_batch()
+        params = SamplingParams.from_config(self.sampling, self.tokenizer.eod_id, requests[0].max_new_tokens)
+        prompts = [r.prompt_tokens.tolist() for r in requests for _ in range(r.n_samples)]
+        version, start = self.engine.policy_version, time.perf_counter()
+        if self.system.agent_max_turns > 1:
+            samples = iter(self._episodes(requests, prompts, params, version))
+        else:
+            generations = iter(self.engine.generate(prompts, params))
+            samples = (self._sample(r, i, next(generations), version) for r in requests for i in range(r.n_samples))
+        tokens = 0
+        for sample in list(samples):
+            tokens += int(sample.loss_mask().sum())
+            self.channel.send(sample)
+        self.channel.send(RolloutStats(version, len(prompts), tokens, time.perf_counter() - start))
+
+    def _sample(self, request: PromptRequest, index: int, generation, version: int) -> Sample:
+        return Sample(prompt_id=request.prompt_id, sample_index=index, task=request.task,
+                      prompt_tokens=request.prompt_tokens, response_tokens=generation.response_tokens,
+                      rollout_logprobs=generation.logprobs, policy_version=version,
+                      routed_experts=generation.routed_experts,
+                      response_text=self.tokenizer.decode(generation.response_tokens),
+                      reference=request.reference, finish_reason=generation.finish_reason)
+
+    def _episodes(self, requests, prompts, params, version: int) -> list[Sample]:
+        """Multi-turn tool-use episodes (agent_loop.py), one Sample each with env-token masks."""
+        from megatron_ernie.rl.rollout.agent_loop import run_episodes
+
+        results = iter(run_episodes(self.engine, self.tokenizer, prompts, params, self.system.agent_max_turns))
+        samples = []
+        for request in requests:
+            for index in range(request.n_samples):
+                episode, routes = next(results)
+                samples.append(Sample(
+                    prompt_id=request.prompt_id, sample_index=index, task=request.task,
+                    prompt_tokens=request.prompt_tokens, response_tokens=episode.response_tokens,
+                    rollout_logprobs=episode.rollout_logprobs, policy_version=version, routed_experts=routes,
+                    env_mask=episode.env_mask, response_text=self.tokenizer.decode(episode.response_tokens),
+                    reference=request.reference, finish_reason="length" if episode.truncated else "stop"))
+        return samples
+
+
+def run_rollout(cfg, system, rank: int, address, authkey: bytes) -> int:
+    """The rollout role's main: connect, build the engine, serve until Shutdown."""
+    from megatron_ernie.rl.rollout.megatron_engine import MegatronEngine
+    from megatron_ernie.rl.task_tokenizer import tokenizer_for
+
+    channel = connect(address, authkey, Hello("rollout", rank, os.getpid(), socket.gethostname()))
+    beats = Heartbeats(channel, "rollout", rank, system.heartbeat_s)
+    try:
+        groups = init_solo_world(cfg.run.seed + 7919 * (rank + 1))
+        tokenizer = tokenizer_for(cfg, agent=system.agent_max_turns > 1)
+        engine = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype=system.rollout_dtype,
+                                seed=cfg.run.seed + 7919 * (rank + 1))
+        return RolloutWorker(engine, tokenizer, cfg.rl.sampling, system, channel, rank).run()
+    except EOFError:
+        log.error(f"rollout {rank}: the controller closed the connection; exiting")
+        return 1
+    finally:
+        beats.stop()

@@ -1,0 +1,205 @@
+"""RL scenarios that need megatron-core in a process of their own (run under torchrun).
+
+    torchrun --nproc_per_node=1 tests/dist/rl_worker.py SCENARIO OUT.json [CASE_JSON]
+
+One launch runs every check of a scenario (importing megatron costs ~5 s per
+process on CPU); rank 0 writes the results as JSON for the pytest side.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_ernie import config as C
+from megatron_ernie.rl.batch import build_batch
+from megatron_ernie.rl.policy import PolicyTrainer, rollout_k3
+from megatron_ernie.rl.protocol import Sample, ScoredSample
+from megatron_ernie.rl.rollout.engine import SamplingParams
+from megatron_ernie.rl.rollout.megatron_engine import MegatronEngine
+from megatron_ernie.rl.task_tokenizer import tokenizer_for
+from megatron_ernie.rl.tasks import get_task
+from megatron_ernie.rl.weight_sync import (GroupAddress, connect_group, gather_global, plan_buckets,
+                                           receive_weights, send_weights)
+from megatron_ernie.rl.protocol import WeightsReady
+
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=128", "model.seq_length=32", "moe.num_experts=8", "moe.router_topk=2",
+        "moe.expert_ffn_hidden_size=64", "moe.first_dense_layers=0", "rl.sampling.n_per_prompt=4",
+        "log.tensorboard=false"]
+
+
+def setup(overrides):
+    from megatron_ernie.runtime import groups as G
+    from megatron_ernie.runtime.dims import dims_from_config
+
+    cfg = C.load(None, TINY + list(overrides))
+    groups = G.build_groups(dims_from_config(cfg.parallel, dist.get_world_size()))
+    G.model_parallel_seed(cfg.run.seed)
+    return cfg, groups
+
+
+def batch_from(generations, prompts, references, n: int, tokenizer, cfg):
+    groups = []
+    for g in range(len(prompts) // n):
+        group = []
+        for j in range(n):
+            i = g * n + j
+            gen = generations[i]
+            sample = Sample(f"p{g}", j, "arithmetic", prompts[i], gen.response_tokens, gen.logprobs, 0,
+                            gen.routed_experts, response_text=tokenizer.decode(gen.response_tokens),
+                            reference=references[i], finish_reason=gen.finish_reason)
+            group.append(ScoredSample(sample, float(j % 2), "ok"))
+        groups.append(group)
+    return build_batch(groups, cfg.rl.algorithm, cfg.model.seq_length)
+
+
+def check_contract(generations, prompts, params) -> dict:
+    """Lengths, finish reasons, stop tokens and routed-expert rows of a generation batch."""
+    bad = []
+    for prompt, gen in zip(prompts, generations):
+        r = len(gen.response_tokens)
+        if not 1 <= r <= params.max_new_tokens or len(gen.logprobs) != r:
+            bad.append(f"length {r}")
+        stopped_on = int(gen.response_tokens[-1]) in params.stop_token_ids or any(
+            tuple(gen.response_tokens[-len(s):].tolist()) == s for s in params.stop_sequences)
+        length_ok = gen.finish_reason != "length" or r == params.max_new_tokens
+        if (gen.finish_reason == "stop") != stopped_on or not length_ok:
+            bad.append(f"finish {gen.finish_reason} with {gen.response_tokens.tolist()}")
+        routes = gen.routed_experts
+        if routes.shape[0] != len(prompt) + r or (routes[:-1] < 0).any():
+            bad.append(f"routes {routes.shape} / {(routes[:-1] < 0).sum()} unrouted rows before the last")
+        if (routes[:-1] >= 8).any() or not (gen.logprobs <= 0).all():
+            bad.append("expert id or log-prob out of range")
+    return {"contract_errors": bad[:5], "n_stop": sum(g.finish_reason == "stop" for g in generations),
+            "n_length": sum(g.finish_reason == "length" for g in generations)}
+
+
+def used_route_mismatch(trainer, batch) -> tuple[int, int]:
+    """Rows where the experts the trainer actually used differ from the rollout's (after a replay pass)."""
+    recorded = trainer.routing.take_recorded()
+    mismatched = compared = 0
+    for layer, per_row in recorded.items():
+        for row, used in enumerate(per_row):
+            target = batch.routes[row, :, layer]  # [s, k]
+            valid = (target >= 0).all(-1)
+            same = (used.sort(-1).values == target.sort(-1).values).all(-1)
+            mismatched += int((~same & valid).sum())
+            compared += int(valid.sum())
+    return mismatched, compared
+
+
+def router_grad_under_replay(trainer, batch) -> float:
+    model = trainer.model[0].module
+    mb = batch.rows(slice(0, 2))
+    trainer.routing.set_mode("replay")
+    trainer.routing.set_targets(mb["routes"])
+    logits = model(mb["tokens"], mb["position_ids"], None)
+    logits[..., : trainer.vocab_size].float().log_softmax(-1).mean().backward()
+    routers = [m.weight for n, m in model.named_modules() if n.endswith("router")]
+    grads = [getattr(w, "main_grad", None) if getattr(w, "main_grad", None) is not None else w.grad for w in routers]
+    trainer.routing.set_mode("off")
+    norm = float(sum(g.norm() for g in grads if g is not None))
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # a bare backward set it 0-d; schedules expect [1]
+    return norm
+
+
+def train_steps(cfg, groups, tokenizer, batch) -> dict:
+    """Two RL steps with a frozen reference (kl_coef > 0): metrics, and whether the weights moved."""
+    from dataclasses import replace
+
+    cfg = replace(cfg, rl=replace(cfg.rl, algorithm=replace(cfg.rl.algorithm, kl_coef=0.1)),
+                  train=replace(cfg.train, micro_batch_size=8), schedule=replace(cfg.schedule, warmup_iters=0))
+    trainer = PolicyTrainer(cfg, groups, tokenizer.vocab_size, routing_replay=True)
+    before = [p.detach().clone() for p in trainer.model[0].parameters()]
+    first, second = trainer.train_step(batch), trainer.train_step(batch)
+    moved = sum(not torch.equal(a, b) for a, b in zip(before, trainer.model[0].parameters()))
+    return {"first": first, "second": second, "params_moved": moved, "params": len(before),
+            "version": trainer.version}
+
+
+def broadcast_roundtrip(tensors: dict, bucket_mb: float) -> dict:
+    """Trainer (rank 0) and one rollout (rank 1) as two threads with their own gloo group over TCP."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    ready = WeightsReady(3, tuple(plan_buckets(shapes, "fp32", bucket_mb)))
+    out = {}
+
+    def member(rank):
+        group = connect_group(GroupAddress("127.0.0.1", store.port, 1, rank, 2), 60)
+        if rank == 0:
+            out["send"] = send_weights(group, ready, tensors)
+        else:
+            out["received"], out["recv"] = receive_weights(group, ready, shapes)
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    equal = all(torch.equal(out["received"][k], tensors[k]) for k in tensors)
+    return {"buckets": len(ready.buckets), "nbytes": out["send"].nbytes, "equal": equal,
+            "send_bytes_per_s": out["send"].bytes_per_s, "recv_bytes_per_s": out["recv"].bytes_per_s}
+
+
+def scenario_rollout(case: dict, tmp: Path) -> dict:
+    cfg, groups = setup(case.get("overrides", []))
+    tokenizer = tokenizer_for(cfg)
+    trainer = PolicyTrainer(cfg, groups, tokenizer.vocab_size, routing_replay=True)
+    weights = gather_global(trainer.views)
+    n = cfg.rl.sampling.n_per_prompt
+    examples = get_task("arithmetic").examples(0, 0, case.get("prompts", 8), {})
+    prompts = [tokenizer.encode(e.prompt) for e in examples for _ in range(n)]
+    references = [e.reference for e in examples for _ in range(n)]
+    results = {}
+    stop = tuple(tokenizer.encode("="))
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(tokenizer.eod_id,), stop_sequences=(stop,))
+    for dtype in ("fp32", "bf16"):
+        engine = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype=dtype, seed=11)
+        engine.load_weights(weights, 0)
+        start = time.perf_counter()
+        generations = engine.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        batch = batch_from(generations, prompts, references, n, tokenizer, cfg)
+        r = {**check_contract(generations, prompts, params), "generate_s": seconds,
+             "tokens": int(batch.response_lengths.sum())}
+        for mode in ("compare", "replay"):
+            logprobs, mismatch = trainer.sequence_logprobs(batch, mode)
+            used = used_route_mismatch(trainer, batch)
+            mask = batch.loss_mask.bool()
+            r[mode] = {"k3": rollout_k3(logprobs, batch), "own_route_mismatch": mismatch,
+                       "used_route_mismatch": used[0] / max(used[1], 1), "used_rows": used[1],
+                       "max_abs_logprob_diff": float((logprobs - batch.rollout_logprobs)[mask].abs().max())}
+        results[dtype] = r
+    results["router_grad_norm_replay"] = router_grad_under_replay(trainer, batch)
+    results["train_step"] = train_steps(cfg, groups, tokenizer, batch)
+    results["sync"] = broadcast_roundtrip(weights, bucket_mb=0.05)
+    return results
+
+
+SCENARIOS = {"rollout": scenario_rollout}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    case = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    from megatron_ernie.runtime.distributed import init_distributed
+
+    init_distributed()
+    results = SCENARIOS[scenario](case, out.parent)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(results, default=float))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

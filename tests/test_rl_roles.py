@@ -1,0 +1,200 @@
+"""Role logic that runs in this process: the reward role's loop and the controller's scheduling rules.
+
+Both talk over real multiprocessing connections; nothing is mocked except
+that the test itself plays the controller (reward role) or the roles
+(controller) at the other end of the pipe.
+"""
+
+import json
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from megatron_ernie import config as C
+from megatron_ernie.config.rl import SandboxConfig
+from megatron_ernie.rl.control import TrainBatch, listen
+from megatron_ernie.rl.controller import Controller, PromptStream, retry_id
+from megatron_ernie.rl.metrics import RunMetrics
+from megatron_ernie.rl.protocol import Sample, ScoredSample, Shutdown
+from megatron_ernie.rl.reward.serve import serve
+from megatron_ernie.rl.reward.worker import RewardWorker
+from megatron_ernie.rl.system import SystemConfig
+from megatron_ernie.rl.task_tokenizer import CharTokenizer, tokenizer_for
+from megatron_ernie.rl.transport import pipe_pair
+
+
+def sample(prompt_id: str, task: str, text: str, reference: str, index: int = 0) -> Sample:
+    return Sample(prompt_id, index, task, np.array([2, 3], np.int32), np.array([4], np.int32),
+                  np.array([-0.5], np.float32), 0, response_text=text, reference=reference)
+
+
+def test_reward_role_scores_sandbox_failures_and_keeps_serving():
+    ours, theirs = pipe_pair()
+    sandbox = SandboxConfig(wall_s=5, cpu_s=2)
+    broken = replace(sandbox, python="/nonexistent/python3")  # the sandbox itself cannot start the program
+    tests = json.dumps({"tests": [{"stdin": "1 2\n", "stdout": "3"}]})
+    results = {}
+
+    def role(config, key):
+        with RewardWorker(config, concurrency=2) as worker:
+            results[key] = serve(theirs, worker)
+
+    thread = threading.Thread(target=role, args=(broken, "broken"))
+    thread.start()
+    ours.send(sample("a", "code", "```python\nprint(1)\n```", tests))
+    ours.send(sample("b", "arithmetic", "4", "4"))
+    got = [ours.recv() for _ in range(2)]
+    ours.send(Shutdown())
+    thread.join(30)
+    statuses = {s.sample.prompt_id: (s.status, s.reward) for s in got}
+    assert statuses == {"a": ("sandbox_error", 0.0), "b": ("ok", 1.0)}
+    assert results["broken"] == 0
+
+    thread = threading.Thread(target=role, args=(sandbox, "crash"))
+    thread.start()
+    ours.send(sample("c", "code", "```python\n1/0\n```", tests))
+    ours.send(sample("d", "code", "```python\na, b = map(int, input().split())\nprint(a + b)\n```", tests))
+    got = {s.sample.prompt_id: s for s in (ours.recv(), ours.recv())}
+    ours.send(Shutdown("requeue"))
+    thread.join(30)
+    assert got["c"].status == "crash" and got["c"].reward == 0.0 and "ZeroDivisionError" in got["c"].detail
+    assert got["d"].status == "ok" and got["d"].reward == 1.0
+    assert results["crash"] == 75  # a requeue shutdown exits with EXIT_REQUEUE
+
+
+@pytest.fixture()
+def controller(tmp_path):
+    def make(lag: int, per_step: int = 2, steps: int = 3):
+        cfg = C.load(None, [f'run.dir="{tmp_path}"', "rl.sampling.n_per_prompt=2", "rl.sampling.max_new_tokens=4",
+                            f"train.iters={steps}", f"rl.buffer.max_policy_lag={lag}",
+                            "rl.tasks=[{name='arithmetic'}]"])
+        system = SystemConfig(prompts_per_step=per_step, rollout_batch_prompts=1)
+        return Controller(cfg, system, listen(0, b"k"), ("127.0.0.1", 1), RunMetrics(str(tmp_path), False), 1,
+                          tokenizer_for(cfg))
+    return make
+
+
+def drain_rounds(ctl: Controller, version: int) -> list[int]:
+    rounds = []
+    while (item := ctl._next_prompt(version)) is not None:
+        rounds.append(item[1])
+    return rounds
+
+
+def test_sync_mode_issues_a_round_only_to_its_own_version(controller):
+    ctl = controller(lag=0)
+    assert drain_rounds(ctl, version=0) == [0, 0]  # round 0 only; round 1 needs version 1
+    assert drain_rounds(ctl, version=1) == [1, 1]
+    assert drain_rounds(ctl, version=2) == [2, 2]
+    assert drain_rounds(ctl, version=3) == []  # train.iters = 3 rounds in all
+
+
+def test_async_mode_runs_lag_rounds_ahead(controller):
+    ctl = controller(lag=2, steps=10)
+    assert drain_rounds(ctl, version=0) == [0, 0, 1, 1, 2, 2]
+    assert drain_rounds(ctl, version=1) == [3, 3]
+
+
+def test_lost_prompts_are_reissued_with_new_attempt_ids(controller):
+    ctl = controller(lag=0)
+    request, round_ = ctl._next_prompt(0)
+    assert retry_id(request.prompt_id) == request.prompt_id + "#1"
+    assert retry_id(request.prompt_id + "#1").endswith("#2")
+    ctl.reissue.append((replace_id(request), round_))
+    state = ctl.state_dict(0)
+    fresh = controller(lag=0)
+    fresh.load_state_dict(json.loads(json.dumps(state)))
+    assert fresh.prompts.index == 1 and fresh.issued_useful == 1
+    item = fresh._next_prompt(0)
+    assert item[0].prompt_id.endswith("#2") and item[1] == 0  # the saved reissue comes first, same round
+
+
+def replace_id(request):
+    from megatron_ernie.rl.controller import reissued
+
+    return reissued(request)
+
+
+def test_prompt_stream_is_deterministic_and_checks_lengths():
+    cfg = C.load(None, ["model.seq_length=8"])
+    tok = tokenizer_for(cfg)
+    a = PromptStream(cfg.rl.tasks, tok, 4, 2, 8)
+    b = PromptStream(cfg.rl.tasks, tok, 4, 2, 8, index=5)
+    first = [a.next() for _ in range(6)]
+    assert b.next().prompt_tokens.tolist() == first[5].prompt_tokens.tolist()
+    with pytest.raises(ValueError, match="exceeds model.seq_length"):
+        PromptStream(cfg.rl.tasks, tok, 4, 6, 8).next()
+
+
+def test_train_batch_keeps_groups_whole():
+    s = [ScoredSample(sample("p", "arithmetic", "1", "1", i), 1.0, "ok") for i in range(4)]
+    batch = TrainBatch.from_bytes(TrainBatch(3, 2, tuple(s)).to_bytes())
+    assert [len(g) for g in batch.groups()] == [2, 2] and batch.step == 3
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        TrainBatch(0, 3, tuple(s))
+
+
+class ScriptedEngine:
+    """A GenerationEngine that answers each call with the next scripted text (the agent loop's other side)."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script, self.calls = tokenizer, list(script), []
+
+    def generate(self, prompts, params):
+        from megatron_ernie.rl.rollout.engine import Generation
+
+        self.calls.append((len(prompts), params.max_new_tokens))
+        out = []
+        for prompt in prompts:
+            text = self.script.pop(0)
+            tokens = self.tokenizer.encode(text)[: params.max_new_tokens]
+            stopped = any(tuple(tokens[-len(s):]) == s for s in params.stop_sequences)
+            routes = np.zeros((len(prompt) + len(tokens), 1, 2), np.int16)
+            out.append(Generation(np.array(tokens, np.int32), np.full(len(tokens), -0.1, np.float32), routes,
+                                  "stop" if stopped else "length"))
+        return out
+
+
+def test_agent_episode_masks_tool_tokens_and_keeps_routes_aligned():
+    from megatron_ernie.rl.rollout.agent_loop import run_episodes
+    from megatron_ernie.rl.rollout.engine import SamplingParams
+    from megatron_ernie.rl.task_tokenizer import TOOL_ALPHABET
+
+    tok = CharTokenizer(TOOL_ALPHABET + "0123456789+-=")
+    engine = ScriptedEngine(tok, ["<tool>calc\n2+3</tool>", "9", "5"])  # episode A calls, episode B answers
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=(tok.eod_id,))
+    (a, routes_a), (b, routes_b) = run_episodes(engine, tok, [tok.encode("2+3="), tok.encode("4+5=")], params, 3)
+    assert tok.decode(a.response_tokens) == "<tool>calc\n2+3</tool><result>5</result>5"
+    reply = len("<result>5</result>")
+    call = len("<tool>calc\n2+3</tool>")
+    assert a.env_mask.tolist() == [False] * call + [True] * reply + [False]
+    assert (a.rollout_logprobs[a.env_mask] == 0).all() and (a.rollout_logprobs[~a.env_mask] < 0).all()
+    assert tok.decode(b.response_tokens) == "9" and not b.env_mask.any()
+    assert engine.calls == [(2, 40), (1, 40 - call - reply)]  # turn 2 only for the episode that called a tool
+    assert routes_a.shape[0] == 4 + len(a.response_tokens) and routes_b.shape[0] == 4 + 1
+
+
+
+def test_silent_rollout_is_declared_dead_and_its_prompts_reissued(controller):
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.control import LockedChannel
+    import multiprocessing
+    import time
+
+    ctl = controller(lag=1)
+    ours, theirs = multiprocessing.Pipe()
+    peer = Peer("rollout", 0, 1, "h", LockedChannel(ours), time.monotonic(), version=0)
+    ctl.peers.append(peer)
+    ctl._issue_prompts()
+    issued = sorted(peer.in_flight)
+    assert len(issued) == 2 * ctl.system.rollout_batch_prompts == 2
+    assert [type(theirs.recv_bytes()) for _ in issued] == [bytes, bytes]  # the requests really went out
+    ctl._check_heartbeats()
+    assert peer.alive  # within heartbeat_timeout_s
+    peer.last_seen -= ctl.system.heartbeat_timeout_s + 1
+    ctl._check_heartbeats()
+    assert not peer.alive and ctl.counters.rollouts_died == 1 and ctl.counters.prompts_reissued_lost == 2
+    assert sorted(r.prompt_id for r, _ in ctl.reissue) == sorted(p + "#1" for p in issued)
+    assert not ctl.pending  # late samples of the lost attempts will be discarded
