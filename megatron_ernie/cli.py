@@ -67,6 +67,8 @@ PASSTHROUGH = {
     "extract": "megatron_ernie.elastic.extract",
     "reorder": "megatron_ernie.elastic.reorder",
     "rl": "megatron_ernie.rl.main",
+    "convert": "megatron_ernie.convert.cli",
+    "inspect": "megatron_ernie.convert.summary",
 }
 # Subcommands served by a differently named function of a module.
 ENTRY = {"eval": ("megatron_ernie.elastic.search", "eval_main")}
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("search", help="best sub-network of a supernet under a budget (ernie search --help)")
     sub.add_parser("extract", help="a sub-network as a standalone checkpoint (ernie extract --help)")
     sub.add_parser("reorder", help="sort experts/channels (and layers) of a supernet by importance")
+    sub.add_parser("convert", help="Hugging Face export/import, offline reshard (ernie convert --help)")
+    sub.add_parser("inspect", help="a checkpoint's config, iteration, tokens, parameter counts (--json)")
     sub.add_parser("rl", help="disaggregated asynchronous RL: controller, trainer, rollout, reward (ernie rl --help)")
     return parser
 

@@ -39,8 +39,9 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _OPTIMIZER_HINT = (
     " If only the parallel layout changed: optimizer state reshards across TP/PP/DP, but megatron-core "
     "keeps separate dense/expert optimizers only when expert parallelism splits the data-parallel group, "
-    "so moving between EP=1 and EP>1 cannot regroup it; resume with --set checkpoint.load_optimizer=false "
-    "to keep weights, schedule and data position with fresh Adam moments.")
+    "so moving between EP=1 and EP>1 cannot regroup it: rewrite the checkpoint for the new layout with "
+    "`ernie convert reshard CKPT OUT --set parallel.expert=N`, or resume with --set "
+    "checkpoint.load_optimizer=false to keep weights, schedule and data position with fresh Adam moments.")
 
 
 class CheckpointError(RuntimeError):

@@ -113,6 +113,8 @@ class MoEConfig:
         _one_of(f"{path}.load_balancing", self.load_balancing, {"aux_loss", "seq_aux_loss", "none"})
         _one_of(f"{path}.token_dispatcher", self.token_dispatcher, {"alltoall", "allgather"})
         _require(self.aux_loss_coeff >= 0, f"{path}.aux_loss_coeff", self.aux_loss_coeff, "must be >= 0")
+        _require(not self.expert_bias or self.score_function == "sigmoid", f"{path}.expert_bias",
+                 self.expert_bias, "aux-loss-free expert bias needs score_function = \"sigmoid\" in megatron-core")
 
 
 @dataclass(frozen=True)
