@@ -142,6 +142,23 @@ def test_extracted_model_equals_supernet_subnet(extracted, text):
 
 
 @pytest.mark.slow
+def test_extracted_subnet_exports_to_hugging_face(extracted, tmp_path):
+    import torch
+    import transformers
+
+    from megatron_ernie.convert.export import export_hf
+
+    r = extracted[EXTRACT[0]]
+    export_hf(r["checkpoint"], tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    with torch.no_grad():
+        theirs = model(torch.tensor(r["tokens"])).logits
+    ours = torch.tensor(r["logits"])
+    assert theirs.shape == ours.shape
+    assert (theirs - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
 def test_extracted_checkpoint_continues_training_at_another_layout(extracted, tmp_path):
     r = extracted[EXTRACT[0]]
     proc = torchrun(2, ["-m", "megatron_ernie.cli", "pretrain", "--config", r["config"],

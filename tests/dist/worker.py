@@ -135,7 +135,11 @@ def scenario_extract(case: dict, tmp: Path) -> dict:
             f"checkpoint.load=\"{ckpt}\"", "checkpoint.resume=\"none\"", "train.eval_iters=2",
             f"run.dir=\"{tmp / f'extracted_{i}_eval'}\"", "log.tensorboard=false"]))
         vocab = padded_vocab_size(supernet.data.tokenizer.vocab_size, 1)
-        out[text] = {"supernet": super_loss, "extracted": loop.evaluate(sub), "params": n_params,
+        tokens = torch.arange(32).remainder(supernet.data.tokenizer.vocab_size).view(2, 16)
+        with torch.no_grad():
+            sub.model[0].eval()
+            logits = sub.model[0](tokens, torch.arange(16).expand(2, -1), None)
+        out[text] = {"tokens": tokens.tolist(), "logits": logits.tolist(),"supernet": super_loss, "extracted": loop.evaluate(sub), "params": n_params,
                      "predicted": subnet_size(supernet.cfg.model, supernet.cfg.moe, vocab, s).total,
                      "counted": sum(p.numel() for p in sub.model[0].parameters()), "checkpoint": str(ckpt),
                      "config": str(tmp / f"extracted_{i}" / "config.toml")}
