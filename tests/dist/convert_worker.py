@@ -12,8 +12,6 @@ evaluate and train on.  The model/data settings are worker.py's BASE.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -113,18 +111,7 @@ def scenario_reload(case: dict, tmp: Path) -> dict:
 SCENARIOS = {"reference": scenario_reference, "reload": scenario_reload}
 
 
-def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
-    case = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    from megatron_ernie.runtime.distributed import init_distributed
-
-    init_distributed()
-    results = SCENARIOS[scenario](case, out.parent)
-    if dist.get_rank() == 0:
-        out.write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    import runner
+
+    runner.run(SCENARIOS)

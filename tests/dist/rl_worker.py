@@ -8,8 +8,6 @@ process on CPU); rank 0 writes the results as JSON for the pytest side.
 
 from __future__ import annotations
 
-import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -188,18 +186,7 @@ def scenario_rollout(case: dict, tmp: Path) -> dict:
 SCENARIOS = {"rollout": scenario_rollout}
 
 
-def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
-    case = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    from megatron_ernie.runtime.distributed import init_distributed
-
-    init_distributed()
-    results = SCENARIOS[scenario](case, out.parent)
-    if dist.get_rank() == 0:
-        out.write_text(json.dumps(results, default=float))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    import runner
+
+    runner.run(SCENARIOS)

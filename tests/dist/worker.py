@@ -9,15 +9,12 @@ results as JSON for the pytest side to assert on.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_ernie import config as C
-from megatron_ernie.checkpoint import store
 from megatron_ernie.train import loop
 from megatron_ernie.train import step as S
 
@@ -175,18 +172,7 @@ SCENARIOS = {"equivalence": scenario_equivalence, "resume": scenario_resume, "el
              "extract": scenario_extract, "reorder": scenario_reorder}
 
 
-def main() -> None:
-    scenario, out = sys.argv[1], Path(sys.argv[2])
-    case = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    from megatron_ernie.runtime.distributed import init_distributed
-
-    init_distributed()
-    results = SCENARIOS[scenario](case, out.parent)
-    if dist.get_rank() == 0:
-        out.write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    import runner
+
+    runner.run(SCENARIOS)
