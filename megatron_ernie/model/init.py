@@ -19,22 +19,21 @@ import hashlib
 import math
 
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
 _SCALED = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    elif isinstance(tree, ShardedTensorFactory):
-        yield from _leaves(tree.build())
-    elif isinstance(tree, ShardedTensor):
-        yield tree
+def local_shards(chunk) -> list[ShardedTensor]:
+    """This rank's ShardedTensors of a model chunk (views into its parameters).
+
+    megatron-core's own helpers: factories (e.g. the swiglu fc1 split) are
+    built in place, then the nested state dict is flattened.
+    """
+    state = chunk.sharded_state_dict()
+    apply_factories(state)
+    return [v for v in nested_values(state) if isinstance(v, ShardedTensor)]
 
 
 def _seed_for(seed: int, key: str, index: tuple) -> int:
@@ -43,8 +42,7 @@ def _seed_for(seed: int, key: str, index: tuple) -> int:
 
 
 def _is_matrix_weight(sh: ShardedTensor) -> bool:
-    name = sh.key.rsplit(".", 2)
-    return sh.key.endswith("weight") and "norm" not in sh.key and len(sh.local_shape) >= 2 and name
+    return sh.key.endswith("weight") and "norm" not in sh.key and len(sh.local_shape) >= 2
 
 
 def _init_one(sh: ShardedTensor, seed: int, std: float) -> None:
@@ -62,7 +60,7 @@ def init_layout_invariant(chunks, seed: int, std: float, num_layers: int) -> int
     scaled_std = std / math.sqrt(2.0 * num_layers)
     count = 0
     for chunk in chunks:
-        for sh in _leaves(chunk.sharded_state_dict()):
+        for sh in local_shards(chunk):
             if sh.data is None or not _is_matrix_weight(sh):
                 continue
             _init_one(sh, seed, scaled_std if sh.key.endswith(_SCALED) else std)

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+from megatron_ernie.model.init import local_shards
 
 from megatron_ernie.rl.protocol import WeightBucket, WeightsReady
 
@@ -41,19 +43,6 @@ _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------ shard views
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    elif isinstance(tree, ShardedTensorFactory):
-        yield from _leaves(tree.build())
-    elif isinstance(tree, ShardedTensor):
-        yield tree
-
-
 def shard_views(chunks) -> dict[str, list[ShardedTensor]]:
     """This rank's shards of every weight, by checkpoint key (views into the live parameters).
 
@@ -63,7 +52,7 @@ def shard_views(chunks) -> dict[str, list[ShardedTensor]]:
     views: dict[str, list[ShardedTensor]] = {}
     for chunk in chunks:
         module = getattr(chunk, "module", chunk)
-        for sh in _leaves(module.sharded_state_dict()):
+        for sh in local_shards(module):
             if torch.is_tensor(sh.data) and sh.data.is_floating_point():
                 views.setdefault(sh.key, []).append(sh)
     return views
