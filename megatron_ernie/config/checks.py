@@ -6,43 +6,39 @@ otherwise assert (deep inside model construction) or silently accept.
 
 from __future__ import annotations
 
-from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.errors import ConfigError, require
 from megatron_ernie.runtime.dims import dims_from_config
 
-
-def _check(cond: bool, field: str, value, fix: str) -> None:
-    if not cond:
-        raise ConfigError(field, value, fix)
 
 
 def check_model_vs_parallel(model, moe, par) -> None:
     tp, pp, vpp = par.tensor, par.pipeline, par.virtual_pipeline
-    _check(model.num_attention_heads % tp == 0, "model.num_attention_heads", model.num_attention_heads,
+    require(model.num_attention_heads % tp == 0, "model.num_attention_heads", model.num_attention_heads,
            f"must be divisible by parallel.tensor={tp}")
-    _check(model.num_query_groups % tp == 0, "model.num_query_groups", model.num_query_groups,
+    require(model.num_query_groups % tp == 0, "model.num_query_groups", model.num_query_groups,
            f"must be divisible by parallel.tensor={tp}")
-    _check(model.ffn_hidden_size % tp == 0, "model.ffn_hidden_size", model.ffn_hidden_size,
+    require(model.ffn_hidden_size % tp == 0, "model.ffn_hidden_size", model.ffn_hidden_size,
            f"must be divisible by parallel.tensor={tp}")
-    _check(model.num_layers % (pp * vpp) == 0, "model.num_layers", model.num_layers,
+    require(model.num_layers % (pp * vpp) == 0, "model.num_layers", model.num_layers,
            f"must be divisible by pipeline*virtual_pipeline = {pp}*{vpp}")
     if par.sequence_parallel or (moe.num_experts and tp > 1):
-        _check(model.seq_length % tp == 0, "model.seq_length", model.seq_length,
+        require(model.seq_length % tp == 0, "model.seq_length", model.seq_length,
                f"sequence parallelism needs it divisible by parallel.tensor={tp}")
-    _check(par.context == 1, "parallel.context", par.context,
+    require(par.context == 1, "parallel.context", par.context,
            "context parallelism needs Transformer Engine attention; use 1 on this build")
 
 
 def check_moe_vs_parallel(model, moe, par) -> None:
     if moe.num_experts == 0:
-        _check(par.expert == 1, "parallel.expert", par.expert, "expert parallelism needs moe.num_experts > 0")
+        require(par.expert == 1, "parallel.expert", par.expert, "expert parallelism needs moe.num_experts > 0")
         return
-    _check(moe.num_experts % par.expert == 0, "moe.num_experts", moe.num_experts,
+    require(moe.num_experts % par.expert == 0, "moe.num_experts", moe.num_experts,
            f"must be divisible by parallel.expert={par.expert}")
-    _check(moe.expert_ffn_hidden_size % par.expert_tensor_size == 0, "moe.expert_ffn_hidden_size",
+    require(moe.expert_ffn_hidden_size % par.expert_tensor_size == 0, "moe.expert_ffn_hidden_size",
            moe.expert_ffn_hidden_size, f"must be divisible by parallel.expert_tensor={par.expert_tensor_size}")
-    _check(moe.first_dense_layers < model.num_layers, "moe.first_dense_layers", moe.first_dense_layers,
+    require(moe.first_dense_layers < model.num_layers, "moe.first_dense_layers", moe.first_dense_layers,
            f"must be smaller than model.num_layers={model.num_layers}")
-    _check(par.tensor == 1 or par.sequence_parallel, "parallel.sequence_parallel", par.sequence_parallel,
+    require(par.tensor == 1 or par.sequence_parallel, "parallel.sequence_parallel", par.sequence_parallel,
            "megatron-core requires sequence parallelism for MoE with tensor parallelism; set it to true")
     if moe.grouped_gemm:
         raise ConfigError("moe.grouped_gemm", True, "grouped GEMM needs Transformer Engine on a GPU; set it to false")
@@ -53,7 +49,7 @@ def check_batch(train, par, world: int) -> int:
     dims = dims_from_config(par, world)
     n = dims.num_microbatches(train.global_batch_size, train.micro_batch_size)
     if par.virtual_pipeline > 1:
-        _check(n % par.pipeline == 0, "train.global_batch_size", train.global_batch_size,
+        require(n % par.pipeline == 0, "train.global_batch_size", train.global_batch_size,
                f"interleaved pipelining needs the micro-batch count ({n}) divisible by parallel.pipeline={par.pipeline}")
     return n
 
@@ -66,7 +62,7 @@ def check_top1_routing(elastic, moe) -> None:
     topks = set(elastic.topk) if elastic.enabled else set()
     if moe.router_topk == 1 or 1 in topks:
         field = "moe.router_topk" if moe.router_topk == 1 else "elastic.topk"
-        _check(False, field, moe.router_topk if moe.router_topk == 1 else elastic.topk,
+        require(False, field, moe.router_topk if moe.router_topk == 1 else elastic.topk,
                "top-1 routing needs moe.router_pre_softmax = true (softmax over all experts)")
 
 
@@ -81,7 +77,7 @@ def check_elastic_vs_parallel(elastic, model, moe, par) -> None:
     for depth in choices(elastic, model, moe)["depth"]:
         keep = kept_layers(depth, ranking)
         stages = {i // per_stage for i in keep}
-        _check(len(stages) == par.pipeline * par.virtual_pipeline, "elastic.depth", depth,
+        require(len(stages) == par.pipeline * par.virtual_pipeline, "elastic.depth", depth,
                f"leaves a pipeline stage without layers at pipeline*virtual_pipeline = "
                f"{par.pipeline * par.virtual_pipeline}; use depths >= that or set elastic.layer_order")
 
@@ -90,7 +86,7 @@ def check_fp8(fp8, model, par) -> None:
     from megatron_ernie.config.fp8 import validate_layer_counts
 
     validate_layer_counts(fp8, "fp8", model.num_layers, par.pipeline)
-    _check(not fp8.param_gather or par.distributed_optimizer, "fp8.param_gather", fp8.param_gather,
+    require(not fp8.param_gather or par.distributed_optimizer, "fp8.param_gather", fp8.param_gather,
            "FP8 parameter all-gather needs parallel.distributed_optimizer = true")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.errors import require
 
 AXES = ("depth", "ffn", "experts", "topk")
 
@@ -33,18 +33,14 @@ class ElasticConfig:
     def validate(self, path: str) -> None:
         if not self.enabled:
             return
-        _check(all(d >= 1 for d in self.depth), f"{path}.depth", self.depth, "every depth must be >= 1")
-        _check(all(0 < f <= 1 for f in self.ffn), f"{path}.ffn", self.ffn, "fractions must be in (0, 1]")
-        _check(all(e >= 1 for e in self.experts), f"{path}.experts", self.experts, "keep at least 1 expert")
-        _check(all(k >= 1 for k in self.topk), f"{path}.topk", self.topk, "top-k must be >= 1")
-        _check(self.sandwich_random >= 0, f"{path}.sandwich_random", self.sandwich_random, "must be >= 0")
-        _check(0 <= self.distill_weight <= 1, f"{path}.distill_weight", self.distill_weight, "must be in [0, 1]")
+        require(all(d >= 1 for d in self.depth), f"{path}.depth", self.depth, "every depth must be >= 1")
+        require(all(0 < f <= 1 for f in self.ffn), f"{path}.ffn", self.ffn, "fractions must be in (0, 1]")
+        require(all(e >= 1 for e in self.experts), f"{path}.experts", self.experts, "keep at least 1 expert")
+        require(all(k >= 1 for k in self.topk), f"{path}.topk", self.topk, "top-k must be >= 1")
+        require(self.sandwich_random >= 0, f"{path}.sandwich_random", self.sandwich_random, "must be >= 0")
+        require(0 <= self.distill_weight <= 1, f"{path}.distill_weight", self.distill_weight, "must be in [0, 1]")
         bad = [a for a in self.progressive if a not in AXES]
-        _check(not bad, f"{path}.progressive", self.progressive, f"axes are {AXES}")
-        _check(not self.progressive or self.progressive_interval > 0, f"{path}.progressive_interval",
+        require(not bad, f"{path}.progressive", self.progressive, f"axes are {AXES}")
+        require(not self.progressive or self.progressive_interval > 0, f"{path}.progressive_interval",
                self.progressive_interval, "set the iterations per phase when progressive is used")
 
-
-def _check(cond: bool, field: str, value, fix: str) -> None:
-    if not cond:
-        raise ConfigError(field, value, fix)

@@ -12,3 +12,9 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value, fix: str):
         self.field, self.value, self.fix = field, value, fix
         super().__init__(f"{field} = {value!r}: {fix}")
+
+
+def require(cond: bool, field: str, value, fix: str) -> None:
+    """Raise ConfigError(field, value, fix) unless ``cond`` holds."""
+    if not cond:
+        raise ConfigError(field, value, fix)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.errors import require
 from megatron_ernie.config.elastic import ElasticConfig
 from megatron_ernie.config.fp8 import FP8Config
 from megatron_ernie.config.rl import RLConfig
@@ -18,17 +18,13 @@ from megatron_ernie.config.slurm import SlurmConfig
 from megatron_ernie.data.config import DataConfig
 
 
-def _require(cond: bool, path: str, value, fix: str) -> None:
-    if not cond:
-        raise ConfigError(path, value, fix)
-
 
 def _positive(path: str, value) -> None:
-    _require(value > 0, path, value, "must be a positive number")
+    require(value > 0, path, value, "must be a positive number")
 
 
 def _one_of(path: str, value, allowed) -> None:
-    _require(value in allowed, path, value, f"allowed values are {sorted(allowed)}")
+    require(value in allowed, path, value, f"allowed values are {sorted(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -40,8 +36,8 @@ class RunConfig:
     seed: int = 1234
 
     def validate(self, path: str) -> None:
-        _require(bool(self.dir), f"{path}.dir", self.dir, "give a directory for checkpoints and logs")
-        _require(self.seed >= 0, f"{path}.seed", self.seed, "use a non-negative integer")
+        require(bool(self.dir), f"{path}.dir", self.dir, "give a directory for checkpoints and logs")
+        require(self.seed >= 0, f"{path}.seed", self.seed, "use a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -67,16 +63,16 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                      "seq_length", "num_query_groups"):
             _positive(f"{path}.{name}", getattr(self, name))
-        _require(self.hidden_size % self.num_attention_heads == 0, f"{path}.hidden_size",
+        require(self.hidden_size % self.num_attention_heads == 0, f"{path}.hidden_size",
                  self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
-        _require(self.num_attention_heads % self.num_query_groups == 0, f"{path}.num_query_groups",
+        require(self.num_attention_heads % self.num_query_groups == 0, f"{path}.num_query_groups",
                  self.num_query_groups,
                  f"must divide num_attention_heads={self.num_attention_heads} (grouped-query attention)")
         _one_of(f"{path}.normalization", self.normalization, {"RMSNorm", "LayerNorm"})
         _one_of(f"{path}.dtype", self.dtype, {"fp32", "bf16"})
         for name in ("hidden_dropout", "attention_dropout"):
             v = getattr(self, name)
-            _require(0.0 <= v < 1.0, f"{path}.{name}", v, "must be in [0, 1)")
+            require(0.0 <= v < 1.0, f"{path}.{name}", v, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -99,21 +95,21 @@ class MoEConfig:
     grouped_gemm: bool = False  # TE grouped GEMM (GPU only)
 
     def validate(self, path: str) -> None:
-        _require(self.num_experts >= 0, f"{path}.num_experts", self.num_experts, "use 0 for dense or a positive count")
+        require(self.num_experts >= 0, f"{path}.num_experts", self.num_experts, "use 0 for dense or a positive count")
         if self.num_experts == 0:
             return
-        _require(1 <= self.router_topk <= self.num_experts, f"{path}.router_topk", self.router_topk,
+        require(1 <= self.router_topk <= self.num_experts, f"{path}.router_topk", self.router_topk,
                  f"must be between 1 and num_experts={self.num_experts}")
         _positive(f"{path}.expert_ffn_hidden_size", self.expert_ffn_hidden_size)
-        _require(self.shared_expert_ffn_hidden_size >= 0, f"{path}.shared_expert_ffn_hidden_size",
+        require(self.shared_expert_ffn_hidden_size >= 0, f"{path}.shared_expert_ffn_hidden_size",
                  self.shared_expert_ffn_hidden_size, "use 0 (no shared expert) or a positive width")
-        _require(self.first_dense_layers >= 0, f"{path}.first_dense_layers", self.first_dense_layers,
+        require(self.first_dense_layers >= 0, f"{path}.first_dense_layers", self.first_dense_layers,
                  "must be >= 0")
         _one_of(f"{path}.score_function", self.score_function, {"softmax", "sigmoid"})
         _one_of(f"{path}.load_balancing", self.load_balancing, {"aux_loss", "seq_aux_loss", "none"})
         _one_of(f"{path}.token_dispatcher", self.token_dispatcher, {"alltoall", "allgather"})
-        _require(self.aux_loss_coeff >= 0, f"{path}.aux_loss_coeff", self.aux_loss_coeff, "must be >= 0")
-        _require(not self.expert_bias or self.score_function == "sigmoid", f"{path}.expert_bias",
+        require(self.aux_loss_coeff >= 0, f"{path}.aux_loss_coeff", self.aux_loss_coeff, "must be >= 0")
+        require(not self.expert_bias or self.score_function == "sigmoid", f"{path}.expert_bias",
                  self.expert_bias, "aux-loss-free expert bias needs score_function = \"sigmoid\" in megatron-core")
 
 
@@ -138,9 +134,9 @@ class ParallelConfig:
     def validate(self, path: str) -> None:
         for name in ("tensor", "pipeline", "virtual_pipeline", "expert", "context"):
             _positive(f"{path}.{name}", getattr(self, name))
-        _require(self.expert_tensor >= 0, f"{path}.expert_tensor", self.expert_tensor,
+        require(self.expert_tensor >= 0, f"{path}.expert_tensor", self.expert_tensor,
                  "use 0 (same as tensor) or a positive size")
-        _require(self.virtual_pipeline == 1 or self.pipeline > 1, f"{path}.virtual_pipeline",
+        require(self.virtual_pipeline == 1 or self.pipeline > 1, f"{path}.virtual_pipeline",
                  self.virtual_pipeline, "interleaving needs parallel.pipeline > 1; set it to 1")
 
 
@@ -158,12 +154,12 @@ class OptimizerConfig:
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.lr", self.lr)
-        _require(0 <= self.min_lr <= self.lr, f"{path}.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
-        _require(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "must be >= 0")
+        require(0 <= self.min_lr <= self.lr, f"{path}.min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        require(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "must be >= 0")
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
-            _require(0 <= v < 1, f"{path}.{name}", v, "must be in [0, 1)")
-        _require(self.clip_grad >= 0, f"{path}.clip_grad", self.clip_grad, "use 0 to disable clipping")
+            require(0 <= v < 1, f"{path}.{name}", v, "must be in [0, 1)")
+        require(self.clip_grad >= 0, f"{path}.clip_grad", self.clip_grad, "use 0 to disable clipping")
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,7 @@ class ScheduleConfig:
     decay_style: str = "cosine"  # cosine | linear | constant
 
     def validate(self, path: str) -> None:
-        _require(self.warmup_iters >= 0, f"{path}.warmup_iters", self.warmup_iters, "must be >= 0")
+        require(self.warmup_iters >= 0, f"{path}.warmup_iters", self.warmup_iters, "must be >= 0")
         _one_of(f"{path}.decay_style", self.decay_style, {"cosine", "linear", "constant"})
 
 
@@ -192,9 +188,9 @@ class TrainConfig:
     def validate(self, path: str) -> None:
         for name in ("iters", "global_batch_size", "micro_batch_size"):
             _positive(f"{path}.{name}", getattr(self, name))
-        _require(self.eval_interval >= 0, f"{path}.eval_interval", self.eval_interval, "use 0 to disable")
-        _require(self.eval_iters >= 0, f"{path}.eval_iters", self.eval_iters, "must be >= 0")
-        _require(self.exit_interval >= 0, f"{path}.exit_interval", self.exit_interval, "use 0 to disable")
+        require(self.eval_interval >= 0, f"{path}.eval_interval", self.eval_interval, "use 0 to disable")
+        require(self.eval_iters >= 0, f"{path}.eval_iters", self.eval_iters, "must be >= 0")
+        require(self.exit_interval >= 0, f"{path}.exit_interval", self.exit_interval, "use 0 to disable")
 
 
 @dataclass(frozen=True)
@@ -209,8 +205,8 @@ class CheckpointConfig:
     load_optimizer: bool = True  # false: take weights, schedule and data position, start fresh Adam moments
 
     def validate(self, path: str) -> None:
-        _require(self.save_interval >= 0, f"{path}.save_interval", self.save_interval, "use 0 to save only at the end")
-        _require(self.keep_last >= 0, f"{path}.keep_last", self.keep_last, "use 0 to keep all")
+        require(self.save_interval >= 0, f"{path}.save_interval", self.save_interval, "use 0 to save only at the end")
+        require(self.keep_last >= 0, f"{path}.keep_last", self.keep_last, "use 0 to keep all")
         _one_of(f"{path}.resume", self.resume, {"auto", "none"})
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.errors import ConfigError, require
 
 ROLES = ("trainer", "rollout", "reward", "controller")
 GPU_ROLES = ("trainer", "rollout")  # these run megatron-core and need GPUs
@@ -31,10 +31,6 @@ def parse_time_limit(text: str) -> int:
     return a * 60 + (b or 0)  # M or M:S
 
 
-def _require(cond: bool, path: str, value, fix: str) -> None:
-    if not cond:
-        raise ConfigError(path, value, fix)
-
 
 @dataclass(frozen=True)
 class HetGroupConfig:
@@ -52,7 +48,7 @@ class HetGroupConfig:
 
     def validate(self, path: str) -> None:
         for name in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task"):
-            _require(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "must be >= 0")
+            require(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -100,13 +96,13 @@ class SlurmConfig:
             getattr(self, role).validate(f"{path}.{role}")
 
     def _validate_job(self, path: str) -> None:
-        _require(bool(self.job_name) and not re.search(r"\s", self.job_name), f"{path}.job_name",
+        require(bool(self.job_name) and not re.search(r"\s", self.job_name), f"{path}.job_name",
                  self.job_name, "give a name without spaces")
         for name in ("nodes", "gpus_per_node"):
-            _require(getattr(self, name) >= 1, f"{path}.{name}", getattr(self, name), "must be at least 1")
-        _require(self.cpus_per_task >= 0, f"{path}.cpus_per_task", self.cpus_per_task, "must be >= 0")
-        _require(self.max_restarts >= 0, f"{path}.max_restarts", self.max_restarts, "must be >= 0")
-        _require(self.mpi in ("pmix", "pmi2", "none"), f"{path}.mpi", self.mpi,
+            require(getattr(self, name) >= 1, f"{path}.{name}", getattr(self, name), "must be at least 1")
+        require(self.cpus_per_task >= 0, f"{path}.cpus_per_task", self.cpus_per_task, "must be >= 0")
+        require(self.max_restarts >= 0, f"{path}.max_restarts", self.max_restarts, "must be >= 0")
+        require(self.mpi in ("pmix", "pmi2", "none"), f"{path}.mpi", self.mpi,
                  "use pmix (OpenMPI), pmi2 (MPICH) or none")
         self._validate_time(path)
         self._validate_lists(path)
@@ -117,34 +113,34 @@ class SlurmConfig:
         except ValueError:
             raise ConfigError(f"{path}.time", self.time,
                               "use a Slurm time: minutes, HH:MM:SS or D-HH:MM:SS") from None
-        _require(limit > 0, f"{path}.time", self.time, "must be longer than zero")
-        _require(0 <= self.signal_lead_s < limit, f"{path}.signal_lead_s", self.signal_lead_s,
+        require(limit > 0, f"{path}.time", self.time, "must be longer than zero")
+        require(0 <= self.signal_lead_s < limit, f"{path}.signal_lead_s", self.signal_lead_s,
                  f"must be >= 0 and shorter than {path}.time ({self.time} = {limit} s)")
 
     def _validate_lists(self, path: str) -> None:
         for name in ("setup", "env", "extra_sbatch"):
             value = getattr(self, name)
-            _require(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+            require(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
                      f"{path}.{name}", value, "must be a list of strings")
         for line in self.env:
-            _require(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", line) is not None, f"{path}.env", line,
+            require(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", line) is not None, f"{path}.env", line,
                      "write each entry as KEY=VALUE")
         for option in self.extra_sbatch:
-            _require(option.startswith("-"), f"{path}.extra_sbatch", option,
+            require(option.startswith("-"), f"{path}.extra_sbatch", option,
                      "write each entry as an sbatch option, e.g. '--constraint=h100'")
 
     def validate_rl(self, path: str) -> None:
         """Rules for the heterogeneous RL job (called by ``ernie submit rl``)."""
         for role in ("trainer", "rollout", "controller"):
             group = getattr(self, role)
-            _require(group.nodes >= 1, f"{path}.{role}.nodes", group.nodes, f"the {role} needs at least one node")
+            require(group.nodes >= 1, f"{path}.{role}.nodes", group.nodes, f"the {role} needs at least one node")
         for role in GPU_ROLES:
             group = getattr(self, role)
-            _require(group.gpus_per_node >= 1, f"{path}.{role}.gpus_per_node", group.gpus_per_node,
+            require(group.gpus_per_node >= 1, f"{path}.{role}.gpus_per_node", group.gpus_per_node,
                      f"the {role} runs the model and needs GPUs; set at least 1")
         used = sum(group.nodes for _, group in self.groups())
         sizes = " + ".join(f"{path}.{role}.nodes={group.nodes}" for role, group in self.groups())
-        _require(used <= self.nodes, f"{path}.nodes", self.nodes,
+        require(used <= self.nodes, f"{path}.nodes", self.nodes,
                  f"the het groups need {used} nodes ({sizes}); raise {path}.nodes or shrink the groups")
-        _require(used >= self.nodes, f"{path}.nodes", self.nodes,
+        require(used >= self.nodes, f"{path}.nodes", self.nodes,
                  f"the het groups use only {used} nodes ({sizes}); set {path}.nodes = {used} or grow a group")
