@@ -46,7 +46,7 @@ from megatron_ernie.precision.linear import emulated_fp8_linear
 from megatron_ernie.precision.recipes import build_emulated_recipe
 
 
-def _amax_reduction_group():
+def amax_reduction_group():
     """megatron-core's FP8 amax group, or None when it is absent or a single rank."""
     if not parallel_state.model_parallel_is_initialized():
         return None
@@ -79,7 +79,7 @@ class _EmulatedFP8Mixin:
         elif allreduce_dgrad:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group or self.tp_group)
         return emulated_fp8_linear(
-            input, weight, bias, self.fp8_recipe, self.fp8_state, _amax_reduction_group()
+            input, weight, bias, self.fp8_recipe, self.fp8_state, amax_reduction_group()
         )
 
     def get_extra_state(self) -> Optional[dict]:
@@ -129,6 +129,11 @@ class FP8ScalingStateHolder(torch.nn.Module):
     def __init__(self, recipe, state):
         super().__init__()
         self.recipe, self.state = recipe, state
+
+    @property
+    def fp8_state(self):
+        """The same name as on the linears, for code that walks scaling-state holders."""
+        return self.state
 
     def get_extra_state(self) -> Optional[dict]:
         return _pack_scaling_state(self.recipe, self.state)

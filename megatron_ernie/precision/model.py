@@ -94,3 +94,28 @@ def fp8_scaling_state(module) -> dict:
     """
     return {name: layer.fp8_state.state_dict()
             for name, layer in fp8_linears(module).items() if layer.fp8_state is not None}
+
+
+def set_scaling_mode(chunks, mode: str) -> int:
+    """Put every delayed-scaling state of `chunks` in `mode` (recipes.LinearScalingState); returns how many."""
+    states = [layer.fp8_state for chunk in chunks for layer in fp8_linears(chunk).values()
+              if layer.fp8_state is not None]
+    for state in states:
+        state.set_mode(mode)
+    return len(states)
+
+
+def commit_step_scaling(chunks) -> None:
+    """End of an optimizer step in "per_step" mode: one amax-history step per layer.
+
+    Every rank of megatron-core's amax reduction group reaches the same layers
+    in the same order (same pipeline stage, same module tree), so the
+    max-reductions pair up as they do in the forward.
+    """
+    from megatron_ernie.precision.megatron_linear import amax_reduction_group
+
+    group = amax_reduction_group()
+    for chunk in chunks:
+        for layer in fp8_linears(chunk).values():
+            if layer.fp8_state is not None and layer.fp8_state.mode == "per_step":
+                layer.fp8_state.commit(group)

@@ -43,11 +43,21 @@ Pair = Tuple[Optional[QuantizedTensor], Optional[QuantizedTensor]]
 
 
 class LinearScalingState:
-    """Delayed-scaling meta of one linear layer: input and weight (forward), grad (backward)."""
+    """Delayed-scaling meta of one linear layer: input and weight (forward), grad (backward).
+
+    `mode` says when a quantisation's amax reaches the history:
+      "live"      at once, after every quantisation (TE: every forward/backward);
+      "per_step"  recorded, folded in by commit() once per optimizer step, so every
+                  micro-batch of a step quantises with the same scales (the RL trainer
+                  under unified FP8, whose rollouts used exactly those scales);
+      "frozen"    never (a rollout engine running on the trainer's scales).
+    """
 
     ROLES = ("input", "weight", "grad_output")
+    MODES = ("live", "per_step", "frozen")
 
     def __init__(self, cfg: FP8Config):
+        self.mode = "live"
         fwd, bwd = formats_for(cfg.format)
         fmax = {"input": fwd.max_normal, "weight": fwd.max_normal, "grad_output": bwd.max_normal}
         self.metas = {
@@ -56,6 +66,16 @@ class LinearScalingState:
             )
             for role in self.ROLES
         }
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"scaling mode {mode!r}: use one of {self.MODES}")
+        self.mode = mode
+
+    def commit(self, group=None) -> None:
+        """per_step mode: fold the step's largest amaxes (max-reduced over `group`) into the history."""
+        for meta in self.metas.values():
+            meta.commit(group)
 
     def state_dict(self) -> dict:
         return {role: meta.state_dict() for role, meta in self.metas.items()}
@@ -126,7 +146,10 @@ class DelayedRecipe(_PerTensorRecipe):
     def _quantize(self, x, fmt, state, role, group):
         meta = state.metas[role].to(x.device)
         qt = quantize_tensorwise(x, fmt, meta.scale)
-        meta.update(abs_max(x), group)
+        if state.mode == "live":
+            meta.update(abs_max(x), group)
+        elif state.mode == "per_step":
+            meta.record(abs_max(x))
         return qt
 
 

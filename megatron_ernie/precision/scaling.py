@@ -91,11 +91,13 @@ class DelayedScalingState:
         self.scaled_max = fmax * 2.0 ** (-margin)
         self.amax_history = torch.zeros(history_len, dtype=torch.float32)
         self.scale = torch.ones((), dtype=torch.float32)
+        self.pending = torch.zeros((), dtype=torch.float32)  # largest amax recorded since the last commit
 
     def to(self, device: torch.device) -> "DelayedScalingState":
         if self.scale.device != device:
             self.amax_history = self.amax_history.to(device)
             self.scale = self.scale.to(device)
+            self.pending = self.pending.to(device)
         return self
 
     def update(self, amax: torch.Tensor, group: Optional[object] = None) -> None:
@@ -110,6 +112,15 @@ class DelayedScalingState:
         self.scale = self._next_scale(chosen)
         self.amax_history = torch.roll(self.amax_history, -1)
         self.amax_history[0] = 0.0
+
+    def record(self, amax: torch.Tensor) -> None:
+        """Keep the largest amax until commit() (NaN ignored by abs_max, inf kept as TE does)."""
+        self.pending = torch.maximum(self.pending, amax.detach().float().reshape(()).to(self.pending.device))
+
+    def commit(self, group: Optional[object] = None) -> None:
+        """update() with the recorded amax, as one history step; every rank of `group` must call it."""
+        pending, self.pending = self.pending, torch.zeros_like(self.pending)
+        self.update(pending, group)
 
     def _next_scale(self, amax: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(amax)) or amax.item() <= 0:
@@ -133,3 +144,4 @@ class DelayedScalingState:
         device = self.scale.device
         self.amax_history = history.detach().float().clone().to(device)
         self.scale = state["scale"].detach().float().clone().reshape(()).to(device)
+        self.pending = torch.zeros((), dtype=torch.float32, device=device)  # uncommitted amaxes are dropped

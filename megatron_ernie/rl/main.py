@@ -74,6 +74,7 @@ def load_config(args) -> tuple[C.ErnieConfig, SystemConfig]:
                                  ("reward_workers", args.reward_workers)) if v is not None}
     system = dataclasses.replace(system, **changes)
     system.validate("rl.system")
+    system.check_fp8(cfg.fp8, "rl.system")
     check_lengths(cfg)
     check_model_vs_parallel(cfg.model, cfg.moe, cfg.parallel)  # before any role starts: the trainer would fail
     check_moe_vs_parallel(cfg.model, cfg.moe, cfg.parallel)

@@ -33,6 +33,7 @@ from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.model import init as model_init
 from megatron_ernie.model.build import build_chunks, build_model, padded_vocab_size, transformer_config
 from megatron_ernie.model.extensions import extensions_for
+from megatron_ernie.precision.model import commit_step_scaling, set_scaling_mode
 from megatron_ernie.rl.algorithms import entropy_from_logits, masked_mean, rl_loss, rollout_kl_k3, token_logprobs
 from megatron_ernie.rl.batch import PolicyBatch
 from megatron_ernie.rl.routing import RoutingReplay
@@ -45,12 +46,16 @@ METRICS = ("pg_loss", "clip_fraction", "ratio_mean", "rollout_kl_k3", "entropy",
 class PolicyTrainer:
     """Model, optimizer and the RL train step of one trainer rank."""
 
-    def __init__(self, cfg, groups, vocab_size: int, routing_replay: bool = True):
+    def __init__(self, cfg, groups, vocab_size: int, routing_replay: bool = True, fp8=None,
+                 fp8_per_step: bool = False):
+        """fp8: the trainer's FP8 settings (rl.system.role_fp8); None takes cfg.fp8.
+        fp8_per_step: delayed-scaling amaxes enter the history once per optimizer step, so all
+        micro-batches of a step quantise with the scales the rollout engines were sent."""
         if groups.dims.cp > 1:
             raise ConfigError("parallel.context", groups.dims.cp, "RL training supports context = 1 for now")
         self.cfg, self.groups, self.vocab_size = cfg, groups, vocab_size
         self.algorithm, self.temperature = cfg.rl.algorithm, cfg.rl.sampling.temperature
-        ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8)
+        ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8 if fp8 is None else fp8)
         self.tconfig, self.model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, vocab_size, cfg.run.seed, ext)
         self.optimizer = build_optimizer(cfg.optimizer, cfg.parallel, self.model, groups.pgs,
                                          bf16=cfg.model.dtype == "bf16")
@@ -58,6 +63,9 @@ class PolicyTrainer:
         self.routing = self._routing(self.model)
         self.replay = routing_replay and self.routing is not None
         self.views = shard_views(self.model)
+        self.fp8_per_step = fp8_per_step
+        if fp8_per_step and not set_scaling_mode(self.model, "per_step"):
+            raise ValueError("fp8_per_step needs delayed-scaling FP8 layers (fp8.recipe = \"delayed\")")
         self.reference = self._reference(ext) if self.algorithm.kl_coef > 0 else None
         self.version = 0
 
@@ -147,6 +155,8 @@ class PolicyTrainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
+        if self.fp8_per_step:
+            commit_step_scaling(self.model)
         self.version += 1
         metrics = self._reduce(outputs)
         metrics.update(grad_norm=grad_norm or 0.0, lr=self.optimizer.param_groups[0]["lr"], skipped=float(not ok))

@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.fp8 import FP8Config
 
 ROLLOUT_DTYPES = ("bf16", "fp32")
+FP8_ROLES = ("both", "rollout", "trainer")
 
 
 def _int_at_least(path: str, name: str, value, minimum: int) -> None:
@@ -34,6 +36,10 @@ class SystemConfig:
     rollout_batch_prompts: prompts a rollout engine generates together in one batch.
     rollout_dtype: precision of the rollout engine; "bf16" against the fp32 trainer is the
       train/inference mismatch that TIS and routing replay correct.
+    fp8_roles: which side runs the `[fp8]` recipe when it is on: "both" (unified: one FP8
+      operator path, and with delayed scaling the rollout quantises with the trainer's
+      scales, shipped with every weight version), "rollout" (FP8 rollout, high-precision
+      trainer) or "trainer".
     routing_replay: the trainer replays the experts the rollout engine chose (R3).
     heartbeat_s / heartbeat_timeout_s: roles report every heartbeat_s; a rollout or reward
       process silent for heartbeat_timeout_s is declared dead and its prompts reissued.
@@ -46,6 +52,7 @@ class SystemConfig:
     reward_workers: int = 1
     rollout_batch_prompts: int = 4
     rollout_dtype: str = "bf16"
+    fp8_roles: str = "both"
     routing_replay: bool = True
     heartbeat_s: float = 1.0
     heartbeat_timeout_s: float = 20.0
@@ -61,11 +68,35 @@ class SystemConfig:
         _int_at_least(path, "controller_port", self.controller_port, 0)
         if self.rollout_dtype not in ROLLOUT_DTYPES:
             raise ConfigError(f"{path}.rollout_dtype", self.rollout_dtype, f"choose one of {list(ROLLOUT_DTYPES)}")
+        if self.fp8_roles not in FP8_ROLES:
+            raise ConfigError(f"{path}.fp8_roles", self.fp8_roles, f"choose one of {list(FP8_ROLES)}")
         for name in ("heartbeat_s", "heartbeat_timeout_s", "sync_bucket_mb", "sync_timeout_s"):
             _positive(path, name, getattr(self, name))
         if self.heartbeat_timeout_s < 3 * self.heartbeat_s:
             raise ConfigError(f"{path}.heartbeat_timeout_s", self.heartbeat_timeout_s,
                               f"allow at least 3 heartbeats (>= {3 * self.heartbeat_s}) before declaring a role dead")
+
+
+    def role_fp8(self, fp8: FP8Config, role: str) -> FP8Config:
+        """The `[fp8]` settings the "trainer" or a "rollout" engine builds its model with."""
+        runs_fp8 = self.fp8_roles in ("both", role)
+        return fp8 if runs_fp8 else FP8Config()
+
+    def shares_fp8_scales(self, fp8: FP8Config) -> bool:
+        """Whether weight pushes carry the trainer's delayed-scaling scales (precision/sharing.py)."""
+        return fp8.enabled and fp8.recipe == "delayed" and self.fp8_roles == "both"
+
+    def check_fp8(self, fp8: FP8Config, path: str) -> None:
+        """fp8_roles against the `[fp8]` table (the two live in different sections)."""
+        if not fp8.enabled and self.fp8_roles != "both":
+            raise ConfigError(f"{path}.fp8_roles", self.fp8_roles,
+                              "has no effect while fp8.recipe = \"off\"; choose an [fp8] recipe "
+                              "or drop fp8_roles")
+        if self.shares_fp8_scales(fp8) and fp8.backend == "te":
+            raise ConfigError(f"{path}.fp8_roles", self.fp8_roles,
+                              "sharing delayed-scaling state with the rollout is implemented for "
+                              "fp8.backend = \"emulate\"; with Transformer Engine use a stateless recipe "
+                              "(fp8.recipe = \"current\" or \"blockwise\"), which needs no shared state")
 
 
 def system_config(cfg) -> SystemConfig:

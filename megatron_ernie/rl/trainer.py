@@ -37,7 +37,8 @@ from megatron_ernie.rl.control import (Failure, Heartbeats, Hello, Saved, SaveCh
                                        TrainBatch, connect)
 from megatron_ernie.rl.policy import PolicyTrainer
 from megatron_ernie.rl.protocol import Shutdown, WeightsReady, decode
-from megatron_ernie.rl.weight_sync import GroupAddress, connect_group, gather_global, plan_buckets, send_weights
+from megatron_ernie.precision.sharing import gather_scales, scaling_holders
+from megatron_ernie.rl.weight_sync import GroupAddress, connect_group, gather_global, plan_push, send_weights
 
 log = logging.getLogger("megatron_ernie.rl.trainer")
 MAX_STAGED = 4  # weight versions kept for pushes the controller may still request
@@ -55,11 +56,11 @@ class WeightPublisher:
         self._thread = threading.Thread(target=self._serve, name="weight-sync", daemon=True)
         self._thread.start()
 
-    def stage(self, version: int, tensors: dict) -> WeightsReady:
-        shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-        ready = WeightsReady(version, tuple(plan_buckets(shapes, self.wire_dtype, self.bucket_mb)))
+    def stage(self, version: int, tensors: dict, scales: dict | None = None) -> WeightsReady:
+        """Keep one version for later pushes; FP8 scales (if shared) travel in exact fp32 buckets."""
+        ready = WeightsReady(version, tuple(plan_push(tensors, self.wire_dtype, self.bucket_mb, scales)))
         with self._lock:
-            self._snapshots[version] = (ready, tensors)
+            self._snapshots[version] = (ready, {**tensors, **(scales or {})})
             for old in sorted(self._snapshots)[:-MAX_STAGED]:
                 del self._snapshots[old]  # bounded even if no push is ever requested
         return ready
@@ -99,7 +100,12 @@ class WeightPublisher:
 class TrainerRole:
     def __init__(self, cfg, system, groups, vocab_size: int, channel=None):
         self.cfg, self.system, self.groups, self.channel = cfg, system, groups, channel
-        self.trainer = PolicyTrainer(cfg, groups, vocab_size, system.routing_replay)
+        # unified FP8 with delayed scaling: scales change once per step, and every weight push
+        # carries them to the rollout engines (precision/sharing.py)
+        shares = system.shares_fp8_scales(cfg.fp8)
+        self.trainer = PolicyTrainer(cfg, groups, vocab_size, system.routing_replay,
+                                     fp8=system.role_fp8(cfg.fp8, "trainer"), fp8_per_step=shares)
+        self.scale_holders = scaling_holders(self.trainer.model) if shares else None
         self.rank = dist.get_rank()
         self.publisher = None
         if self.rank == 0:
@@ -159,8 +165,9 @@ class TrainerRole:
 
     def _publish(self) -> None:
         tensors = gather_global(self.trainer.views)
+        scales = gather_scales(self.scale_holders) if self.scale_holders is not None else None
         if self.rank == 0:
-            self.channel.send(self.publisher.stage(self.trainer.version, tensors))
+            self.channel.send(self.publisher.stage(self.trainer.version, tensors, scales))
 
     def _resume(self, version: int) -> None:
         t = self.trainer

@@ -131,7 +131,8 @@ def _assemble(views, metas, rank: int, group) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------- buckets
-def plan_buckets(shapes: dict[str, tuple[int, ...]], wire_dtype: str, bucket_mb: float) -> list[WeightBucket]:
+def plan_buckets(shapes: dict[str, tuple[int, ...]], wire_dtype: str, bucket_mb: float,
+                 first_index: int = 0) -> list[WeightBucket]:
     """Sorted keys packed greedily into buckets of <= bucket_mb (a larger tensor gets its own bucket)."""
     itemsize = torch.tensor([], dtype=_WIRE_DTYPES[wire_dtype]).element_size()
     limit = max(1, int(bucket_mb * 2**20))
@@ -139,12 +140,21 @@ def plan_buckets(shapes: dict[str, tuple[int, ...]], wire_dtype: str, bucket_mb:
     for key in sorted(shapes):
         size = math.prod(shapes[key]) * itemsize
         if names and nbytes + size > limit:
-            buckets.append(WeightBucket(len(buckets), nbytes, wire_dtype, tuple(names)))
+            buckets.append(WeightBucket(first_index + len(buckets), nbytes, wire_dtype, tuple(names)))
             names, nbytes = [], 0
         names.append(key)
         nbytes += size
     if names:
-        buckets.append(WeightBucket(len(buckets), nbytes, wire_dtype, tuple(names)))
+        buckets.append(WeightBucket(first_index + len(buckets), nbytes, wire_dtype, tuple(names)))
+    return buckets
+
+
+def plan_push(tensors: dict, wire_dtype: str, bucket_mb: float, exact: dict | None = None) -> list[WeightBucket]:
+    """Buckets of one weight version: `tensors` in the wire dtype, then `exact` ones (FP8 scales) in fp32."""
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    buckets = plan_buckets(shapes, wire_dtype, bucket_mb)
+    if exact:
+        buckets += plan_buckets({k: tuple(t.shape) for k, t in exact.items()}, "fp32", bucket_mb, len(buckets))
     return buckets
 
 
@@ -154,6 +164,10 @@ def pack_bucket(bucket: WeightBucket, tensors) -> torch.Tensor:
 
 
 def unpack_bucket(bucket: WeightBucket, flat: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
+    unknown = [k for k in bucket.names if k not in shapes]
+    if unknown:
+        raise ValueError(f"weight bucket {bucket.index} holds {len(unknown)} tensors this rollout model lacks, "
+                         f"e.g. {unknown[:2]}: trainer and rollout must use the same model, [fp8] and rl.system")
     expected = sum(math.prod(shapes[k]) for k in bucket.names) * flat.element_size()
     if expected != bucket.nbytes:
         raise ValueError(f"weight bucket {bucket.index}: {bucket.nbytes} bytes announced, the model's shapes "

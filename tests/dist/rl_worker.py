@@ -183,7 +183,33 @@ def scenario_rollout(case: dict, tmp: Path) -> dict:
     return results
 
 
-SCENARIOS = {"rollout": scenario_rollout}
+def fp8_scales_at(layout: list) -> dict:
+    """Unified-FP8 trainer at `layout`: forward fixed tokens, gather the forward scales before/after commit."""
+    from megatron_ernie.precision.model import commit_step_scaling
+    from megatron_ernie.precision.sharing import gather_scales, scaling_holders
+
+    cfg, groups = setup(["fp8.recipe=\"delayed\"", "fp8.backend=\"emulate\"", "model.init_method_std=0.1",
+                         *layout])
+    trainer = PolicyTrainer(cfg, groups, 40, fp8_per_step=True)
+    holders = scaling_holders(trainer.model)
+    tokens = torch.randint(0, 40, (8, 32), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(32).expand(8, 32)
+    with torch.no_grad():
+        trainer.model[0](tokens, positions, None)
+    before = gather_scales(holders)
+    commit_step_scaling(trainer.model)
+    after = gather_scales(holders)
+    if dist.get_rank() != 0:
+        return {}
+    return {"before": {k: float(v) for k, v in before.items()}, "after": {k: float(v) for k, v in after.items()}}
+
+
+def scenario_fp8_scales(case: dict, tmp: Path) -> dict:
+    """One launch, several trainer layouts (the same tokens on every rank)."""
+    return {name: fp8_scales_at(layout) for name, layout in case["layouts"].items()}
+
+
+SCENARIOS = {"rollout": scenario_rollout, "fp8_scales": scenario_fp8_scales}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ where a sequence still inside its (longer) prompt is fed its prompt token and
 the sampled token is discarded. Finished sequences keep being fed padding
 until the whole batch is done (or max_new_tokens).
 
+FP8: `ext` carries the `[fp8]` spec rewrite when the rollout runs FP8 (the
+same emulated linears the trainer uses). With `share_fp8_scales` (unified FP8,
+delayed scaling) every weight update also carries the trainer's forward scales,
+which the engine installs and freezes (precision/sharing.py), so generation
+quantises exactly like the trainer's next forward.
+
 Routing: the engine's `RoutingReplay` runs in "record" mode; each forward
 records [tokens, k] expert ids per MoE layer, which are scattered into
 [batch, position, moe_layer, k] and returned per sequence (int16, -1 where a
@@ -32,6 +38,7 @@ from megatron_ernie.config.schema import ParallelConfig
 from megatron_ernie.model import init as model_init
 from megatron_ernie.model.build import build_chunks, padded_vocab_size, transformer_config
 from megatron_ernie.model.extensions import Extensions
+from megatron_ernie.precision.sharing import install_scales, scale_names, scaling_holders, split_scales
 from megatron_ernie.rl.rollout.engine import Generation, GenerationEngine, SamplingParams
 from megatron_ernie.rl.rollout.sampling import sample_next
 from megatron_ernie.rl.routing import RoutingReplay
@@ -42,7 +49,7 @@ class MegatronEngine(GenerationEngine):
     """One unsharded model replica per process (the rollout world is this process alone)."""
 
     def __init__(self, model_cfg, moe_cfg, groups, vocab_size: int, dtype: str = "bf16", seed: int = 0,
-                 ext: Extensions = Extensions()):
+                 ext: Extensions = Extensions(), share_fp8_scales: bool = False):
         model_cfg = dataclasses.replace(model_cfg, dtype=dtype)
         self.tconfig = transformer_config(model_cfg, moe_cfg, ParallelConfig(), **ext.tconfig)
         chunks = build_chunks(self.tconfig, model_cfg, groups, padded_vocab_size(vocab_size, 1), ext)
@@ -51,16 +58,23 @@ class MegatronEngine(GenerationEngine):
         self.model.eval()
         self.routing = RoutingReplay(chunks, self.tconfig) if moe_cfg.num_experts else None
         self.views = shard_views(chunks)
+        self.scale_holders = scaling_holders(chunks) if share_fp8_scales else {}
+        if share_fp8_scales and not self.scale_holders:
+            raise ValueError("share_fp8_scales needs a model with delayed-scaling FP8 linears (fp8.recipe = "
+                             "\"delayed\" in the rollout's extensions)")
         self.vocab_size, self.max_seq_length = vocab_size, model_cfg.seq_length
         self.generator = torch.Generator().manual_seed(seed)
         self.policy_version = -1
 
     # ---------------------------------------------------------------- weights
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        return global_shapes(self.views)
+        return {**global_shapes(self.views), **{name: (1,) for name in scale_names(self.scale_holders)}}
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
-        load_global(self.views, tensors)
+        weights, scales = split_scales(tensors)
+        load_global(self.views, weights)
+        if self.scale_holders:
+            install_scales(self.scale_holders, scales)
         self.policy_version = version
 
     # ------------------------------------------------------------- generation

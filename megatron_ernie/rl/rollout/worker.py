@@ -144,6 +144,7 @@ class RolloutWorker:
 
 def run_rollout(cfg, system, rank: int, address, authkey: bytes) -> int:
     """The rollout role's main: connect, build the engine, serve until Shutdown."""
+    from megatron_ernie.model.extensions import extensions_for
     from megatron_ernie.rl.rollout.megatron_engine import MegatronEngine
     from megatron_ernie.rl.task_tokenizer import tokenizer_for
 
@@ -153,7 +154,9 @@ def run_rollout(cfg, system, rank: int, address, authkey: bytes) -> int:
         groups = init_solo_world(cfg.run.seed + 7919 * (rank + 1))
         tokenizer = tokenizer_for(cfg, agent=system.agent_max_turns > 1)
         engine = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype=system.rollout_dtype,
-                                seed=cfg.run.seed + 7919 * (rank + 1))
+                                seed=cfg.run.seed + 7919 * (rank + 1),
+                                ext=extensions_for(cfg.model, cfg.moe, fp8=system.role_fp8(cfg.fp8, "rollout")),
+                                share_fp8_scales=system.shares_fp8_scales(cfg.fp8))
         return RolloutWorker(engine, tokenizer, cfg.rl.sampling, system, channel, rank).run()
     except EOFError:
         log.error(f"rollout {rank}: the controller closed the connection; exiting")
