@@ -12,6 +12,9 @@ VARIANTS = {
     # each parameter's own Adam step, not one shared step tensor.
     "distopt": ["parallel.distributed_optimizer=true"],
     "ep2_distopt": ["parallel.expert=2", "parallel.distributed_optimizer=true"],
+    # whole experts on both TP ranks: their optimizer state is sharded over expert-DP (= the TP ranks)
+    "tp2_etp1_distopt": ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert_tensor=1",
+                         "parallel.distributed_optimizer=true"],
 }
 
 

@@ -158,11 +158,40 @@ def attach_grad_hooks(tconfig, ddp_chunks) -> None:
         tconfig.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
 
 
+def reduce_experts_over_expert_dp(chunks, dims) -> int:
+    """Let megatron-core's DDP reduce routed-expert gradients over the expert-DP group at EP = 1 too.
+
+    megatron-core 0.16.1 marks expert weights `allreduce = False` (their gradients
+    go to DDP's expert buffers, reduced over expert-DP = TP/ETP x DP ranks) only
+    when expert_model_parallel_size > 1. At EP = 1 they are reduced like dense
+    weights, over DP alone. That is the same thing while ETP = TP, but with
+    expert_tensor < tensor every TP rank holds a whole copy of each expert and
+    computes its gradient from its own sequence-parallel tokens, so the copies
+    drift apart: measured at TP2/ETP1 on 4 ranks, the two TP ranks' expert
+    weights differed by ~20% after one step, and the loss by 2e-4. Marking them
+    as megatron does at EP > 1 gives them the expert path in DDP, the
+    optimizer and the grad norm. Returns how many parameters were marked.
+    """
+    if dims.ep > 1 or dims.etp == dims.tp:
+        return 0
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    marked = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, MoELayer):
+                for param in module.experts.parameters():
+                    param.allreduce = False
+                    marked += 1
+    return marked
+
+
 def build_model(model, moe, par, groups, vocab_size: int, seed: int, ext: Extensions = Extensions()):
     """Returns (tconfig, ddp_chunks). Weights depend only on ``seed``, not on the layout."""
     tconfig = transformer_config(model, moe, par, **ext.tconfig)
     chunks = build_chunks(tconfig, model, groups, padded_vocab_size(vocab_size, par.tensor), ext)
     model_init.init_layout_invariant(chunks, seed, model.init_method_std, model.num_layers)
+    reduce_experts_over_expert_dp(chunks, groups.dims)
     ddp_chunks = wrap_ddp(chunks, tconfig, par, ext.ddp)
     attach_grad_hooks(tconfig, ddp_chunks)
     return tconfig, ddp_chunks
