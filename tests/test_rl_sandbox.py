@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -204,18 +205,30 @@ def run_as_non_root(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
 
 
+def readable_copy_of_package() -> Path:
+    """The package source in a world-readable temporary folder: a clean clone may sit in a 0700 folder."""
+    root = Path(tempfile.mkdtemp(prefix="ernie-nonroot-src-"))
+    shutil.copytree(REPO / "megatron_ernie", root / "megatron_ernie", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
 def test_ordinary_user_gets_namespaces_through_a_user_namespace():
     """What a Slurm job (not root) gets: the same jail via an unprivileged user namespace."""
     if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access("/usr/bin/python3", os.X_OK):
         pytest.skip("needs root (to become another user), setpriv and /usr/bin/python3")
-    probe = run_as_non_root("-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+    source = readable_copy_of_package()
+    probe = run_as_non_root("-c", f"import sys; sys.path.insert(0, {str(source)!r}); "
                                   "import megatron_ernie.rl.reward.sandbox")
     userns = subprocess.run(["setpriv", f"--reuid={NON_ROOT_UID}", f"--regid={NON_ROOT_UID}", "--clear-groups",
                              "unshare", "--user", "--net", "true"], capture_output=True)
-    if probe.returncode != 0 or userns.returncode != 0:
-        pytest.skip("the repo is not readable by other users, or unprivileged user namespaces are disabled")
+    if userns.returncode != 0:
+        pytest.skip(f"unprivileged user namespaces are disabled here: {userns.stderr.decode()[-200:]}")
+    assert probe.returncode == 0, probe.stderr[-2000:]
     target = f"/tmp/ernie-nonroot-escape-{os.getpid()}"
-    out = run_as_non_root("-c", NON_ROOT_SCRIPT, str(REPO), target)
+    out = run_as_non_root("-c", NON_ROOT_SCRIPT, str(source), target)
+    shutil.rmtree(source, ignore_errors=True)
     results = json.loads(out.stdout)
     assert results["ok"][:3] == ["ok", "namespaces", "42\n"], results
     assert results["net"][0] == "crash" and "Network is unreachable" in results["net"][3]
