@@ -10,6 +10,11 @@ per-token losses and its token count, so megatron divides gradients by the
 token count of the whole global batch: "token-mean" aggregation stays exact
 whatever the micro-batch / DP / PP split.
 
+Reference policy (kl_coef > 0): a frozen copy with the policy's layout. Before
+each step it runs forward-only over the same micro-batches through the same
+pipeline schedule, and the last stage keeps its log-probs for the loss; so
+the K3 penalty works at any TP/PP/VPP/EP layout.
+
 One optimizer step per batch: pi_old is the current weights (detached), so
 the PPO ratio is 1 and the clip only acts through importance correction;
 clip fraction is still reported. Stale samples are corrected by TIS, whose
@@ -30,7 +35,6 @@ from megatron.core import tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ernie.config.errors import ConfigError
-from megatron_ernie.model import init as model_init
 from megatron_ernie.model.build import build_chunks, build_model, padded_vocab_size, transformer_config
 from megatron_ernie.model.extensions import extensions_for
 from megatron_ernie.precision.model import commit_step_scaling, set_scaling_mode
@@ -67,6 +71,7 @@ class PolicyTrainer:
         if fp8_per_step and not set_scaling_mode(self.model, "per_step"):
             raise ValueError("fp8_per_step needs delayed-scaling FP8 layers (fp8.recipe = \"delayed\")")
         self.reference = self._reference(ext) if self.algorithm.kl_coef > 0 else None
+        self._ref_logprobs: list[torch.Tensor] = []  # this step's, per micro-batch (last pipeline stage)
         self.version = 0
 
     def _routing(self, chunks, tconfig=None) -> RoutingReplay | None:
@@ -77,20 +82,19 @@ class PolicyTrainer:
         return RoutingReplay(chunks, tconfig, self.groups.tp_rank if sp else 0, self.groups.dims.tp if sp else 1)
 
     def _reference(self, ext):
-        """A frozen copy of the initial policy for the K3 penalty (own routers, own replay state)."""
-        if self.groups.dims.pp > 1:
-            raise ConfigError("rl.algorithm.kl_coef", self.algorithm.kl_coef,
-                              "a reference model needs parallel.pipeline = 1; set kl_coef = 0 with pipelining")
+        """A frozen copy of the initial policy for the K3 penalty: same layout, own routers and replay state.
+
+        One chunk per virtual-pipeline stage of this rank, like the policy, so
+        the reference runs through megatron-core's pipeline schedule too.
+        """
         # a fresh TransformerConfig: the trainer's carries DDP hooks (process groups), which modules deep-copy
         tconfig = transformer_config(self.cfg.model, self.cfg.moe, self.cfg.parallel, **ext.tconfig)
         chunks = build_chunks(tconfig, self.cfg.model, self.groups,
                               padded_vocab_size(self.vocab_size, self.groups.dims.tp), ext)
-        model_init.init_layout_invariant(chunks, self.cfg.run.seed, self.cfg.model.init_method_std,
-                                         self.cfg.model.num_layers)
-        reference = chunks[0]
-        reference.load_state_dict(self.model[0].module.state_dict(), strict=True)
-        reference.eval()
-        return reference, self._routing(chunks, tconfig)
+        for reference, policy in zip(chunks, self.model):
+            reference.load_state_dict(policy.module.state_dict(), strict=True)
+            reference.eval()
+        return chunks, self._routing(chunks, tconfig)
 
     # -------------------------------------------------------------- log-probs
     def _vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -104,17 +108,35 @@ class PolicyTrainer:
             routing.set_mode(mode)
             routing.set_targets(mb.get("routes"))
 
-    def _reference_logprobs(self, mb: dict) -> torch.Tensor:
-        model, routing = self.reference
-        self._set_routes(routing, mb, "replay" if self.replay else "off")
+    def _reference_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        self._set_routes(self.reference[1], mb, "replay" if self.replay else "off")
+        return model(mb["tokens"], mb["position_ids"], None), partial(self._keep_reference, mb)
+
+    def _keep_reference(self, mb: dict, logits):
+        logprobs = token_logprobs(self._vocab_logits(logits), mb["labels"])
+        return logits.new_zeros(()), torch.ones((), dtype=torch.int), {"ref_logprobs": logprobs.detach()}
+
+    def _reference_pass(self, micro: list[dict], seq_length: int) -> list[torch.Tensor]:
+        """Reference log-probs of every micro-batch, forward-only through the pipeline schedule.
+
+        Returned on the last pipeline stage (where the loss needs them), in
+        micro-batch order; empty on the other stages.
+        """
+        chunks = self.reference[0]
+        dims = self.groups.dims
+        fb = get_forward_backward_func(pp_size=dims.pp, vp_size=dims.vpp if dims.vpp > 1 else None)
+        iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
         with torch.no_grad():
-            logits = model(mb["tokens"], mb["position_ids"], None)
-        return token_logprobs(self._vocab_logits(logits), mb["labels"])
+            outputs = fb(forward_step_func=self._reference_step, data_iterator=iterators, model=chunks,
+                         num_microbatches=len(micro), seq_length=seq_length,
+                         micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
+        return [o["ref_logprobs"] for o in outputs]
 
     # ------------------------------------------------------------- the step
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)
-        ref_logprobs = self._reference_logprobs(mb) if self.reference is not None else None
+        ref_logprobs = self._ref_logprobs[mb["index"]] if self._ref_logprobs else None
         self._set_routes(self.routing, mb, "replay" if self.replay else "compare")
         output = model(mb["tokens"], mb["position_ids"], None)
         return output, partial(self._loss, mb, ref_logprobs)
@@ -138,11 +160,13 @@ class PolicyTrainer:
                               f"micro-batches of {micro} on {dims.dp} data-parallel ranks")
         per_rank = batch.size // dims.dp
         first = self.groups.dp_rank * per_rank
-        return [batch.rows(slice(i, i + micro)) for i in range(first, first + per_rank, micro)]
+        return [{**batch.rows(slice(start, start + micro)), "index": i}
+                for i, start in enumerate(range(first, first + per_rank, micro))]
 
     def train_step(self, batch: PolicyBatch) -> dict:
         """Forward/backward over the micro-batches, one optimizer step; returns metrics (same on all ranks)."""
         micro = self.microbatches(batch)
+        self._ref_logprobs = self._reference_pass(micro, batch.seq_length) if self.reference is not None else []
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()

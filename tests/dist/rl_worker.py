@@ -209,7 +209,39 @@ def scenario_fp8_scales(case: dict, tmp: Path) -> dict:
     return {name: fp8_scales_at(layout) for name, layout in case["layouts"].items()}
 
 
-SCENARIOS = {"rollout": scenario_rollout, "fp8_scales": scenario_fp8_scales}
+def synthetic_batch(cfg, vocab: int, prompts: int = 4):
+    """Fixed random prompts/responses (same on every rank), rewards alternating within each group."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    n, groups = cfg.rl.sampling.n_per_prompt, []
+    for g in range(prompts):
+        prompt = rng.integers(3, vocab, size=int(rng.integers(4, 9))).astype(np.int32)
+        group = []
+        for j in range(n):
+            response = rng.integers(3, vocab, size=int(rng.integers(2, 7))).astype(np.int32)
+            logprobs = -rng.uniform(1.0, 4.0, size=len(response)).astype(np.float32)
+            sample = Sample(f"p{g}", j, "arithmetic", prompt, response, logprobs, 0, None, response_text="x",
+                            reference="x", finish_reason="length")
+            group.append(ScoredSample(sample, float(j % 2), "ok"))
+        groups.append(group)
+    return build_batch(groups, cfg.rl.algorithm, cfg.model.seq_length)
+
+
+def scenario_reference_layouts(case: dict, tmp: Path) -> dict:
+    """RL steps with a frozen reference (kl_coef > 0) at several layouts: metrics per step."""
+    results = {}
+    for name, layout in case["layouts"].items():
+        cfg, groups = setup(["rl.algorithm.kl_coef=0.1", "train.micro_batch_size=4", "schedule.warmup_iters=0",
+                             "optimizer.lr=1e-2", *layout])
+        trainer = PolicyTrainer(cfg, groups, 40, routing_replay=False)
+        batch = synthetic_batch(cfg, 40)
+        results[name] = [trainer.train_step(batch) for _ in range(case.get("steps", 3))]
+    return results
+
+
+SCENARIOS = {"rollout": scenario_rollout, "fp8_scales": scenario_fp8_scales,
+             "reference_layouts": scenario_reference_layouts}
 
 
 if __name__ == "__main__":
