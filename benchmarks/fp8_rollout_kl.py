@@ -31,7 +31,6 @@ a bf16 trainer, and sharing the delayed-scaling state matters.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import time
@@ -153,13 +152,6 @@ class Setup:
         return build_batch(groups, self.cfg.rl.algorithm, self.cfg.model.seq_length)
 
 
-def snapshot_scaling(trainer) -> dict:
-    from megatron_ernie.precision.model import fp8_linears
-
-    return {name: copy.deepcopy(layer.fp8_state.state_dict())
-            for name, layer in fp8_linears(trainer.model[0]).items() if layer.fp8_state is not None}
-
-
 def restore_scaling(trainer, saved: dict) -> None:
     from megatron_ernie.precision.model import fp8_linears
 
@@ -177,11 +169,12 @@ def scales_match(engine, trainer) -> bool:
 
 
 def measure(setup: Setup, name: str, trainer_recipe: str, rollout_recipe: str, share: bool) -> dict:
+    from megatron_ernie.precision.model import fp8_scaling_state
     from megatron_ernie.rl.policy import rollout_k3
 
     trainer = setup.trainer(trainer_recipe, per_step=share)
     engine = setup.engine(rollout_recipe, share, trainer)
-    saved = snapshot_scaling(trainer)
+    saved = fp8_scaling_state(trainer.model[0])  # copies: state_dict() clones
     start = time.perf_counter()
     batch = setup.batch(engine, setup.evaluation)
     generate_s = time.perf_counter() - start

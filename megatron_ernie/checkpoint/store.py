@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
 
 from megatron_ernie.checkpoint import rng
@@ -60,15 +61,10 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def _unwrap(chunk):
-    """The GPTModel inside megatron-core's DDP wrapper (checkpoint keys are the model's)."""
-    return getattr(chunk, "module", chunk)
-
-
 def model_state(model_chunks) -> dict:
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
 def _uses_distributed_optimizer(optimizer) -> bool:
@@ -216,7 +212,7 @@ def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
         raise CheckpointError(f"cannot load {path}: {str(err)[:500]}.{hint} Check that the model config "
                               f"matches the checkpoint's (see {Path(path) / META})") from err
     for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+        unwrap_model(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if restore_rng:

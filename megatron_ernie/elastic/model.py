@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import unwrap_model
 
 from megatron_ernie.elastic.modules import ElasticTopKRouter, ElasticTransformerLayer, ExpertWidthMask
 from megatron_ernie.elastic.subnet import Subnet, kept_channels, kept_layers, layer_ranking
@@ -70,7 +71,7 @@ def elastic_extensions(elastic, model, moe) -> Extensions:
 
 
 def _state(chunk) -> ElasticState:
-    module = getattr(chunk, "module", chunk)
+    module = unwrap_model(chunk)
     return module.elastic_state
 
 

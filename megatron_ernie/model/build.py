@@ -158,7 +158,7 @@ def attach_grad_hooks(tconfig, ddp_chunks) -> None:
         tconfig.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
 
 
-def reduce_experts_over_expert_dp(chunks, dims) -> int:
+def reduce_experts_over_expert_dp(chunks, dims) -> None:
     """Let megatron-core's DDP reduce routed-expert gradients over the expert-DP group at EP = 1 too.
 
     megatron-core 0.16.1 marks expert weights `allreduce = False` (their gradients
@@ -170,20 +170,17 @@ def reduce_experts_over_expert_dp(chunks, dims) -> int:
     drift apart: measured at TP2/ETP1 on 4 ranks, the two TP ranks' expert
     weights differed by ~20% after one step, and the loss by 2e-4. Marking them
     as megatron does at EP > 1 gives them the expert path in DDP, the
-    optimizer and the grad norm. Returns how many parameters were marked.
+    optimizer and the grad norm.
     """
     if dims.ep > 1 or dims.etp == dims.tp:
-        return 0
+        return
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    marked = 0
     for chunk in chunks:
         for module in chunk.modules():
             if isinstance(module, MoELayer):
                 for param in module.experts.parameters():
                     param.allreduce = False
-                    marked += 1
-    return marked
 
 
 def build_model(model, moe, par, groups, vocab_size: int, seed: int, ext: Extensions = Extensions()):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
 from megatron.core.utils import unwrap_model
 
@@ -34,28 +33,21 @@ EXTRA_STATE = "._extra_state"
 def scaling_holders(chunks) -> dict[str, tuple[torch.nn.Module, bool]]:
     """{ShardedObject unique_key: (module holding the delayed-scaling state, main replica?)}.
 
-    Read once from megatron-core's sharded_state_dict: its keys are the local
-    module paths, its ShardedObjects name the layout-independent key.
+    Read once from megatron-core's sharded_state_dict, whose keys are the
+    local module paths (`<module>._extra_state`) and whose ShardedObjects carry
+    the layout-independent key. A module without a saved extra state (the
+    output layer, whose state travels in its `fp8_scaling` child) is skipped.
     """
     holders = {}
     for chunk in chunks:
         model = unwrap_model(chunk)
-        for local_key, obj in _scaling_objects(model.sharded_state_dict()):
-            module = model.get_submodule(local_key[: -len(EXTRA_STATE)])
-            holders[obj.unique_key] = (module, is_main_replica(obj.replica_id))
+        sharded = model.sharded_state_dict()
+        for name, module in model.named_modules():
+            obj = sharded.get(f"{name}{EXTRA_STATE}")
+            if getattr(module, "fp8_state", None) is not None and isinstance(obj, ShardedObject) \
+                    and obj.data is not None:
+                holders[obj.unique_key] = (module, is_main_replica(obj.replica_id))
     return holders
-
-
-def _scaling_objects(state: dict, prefix: str = ""):
-    for key, value in state.items():
-        if isinstance(value, dict) and not isinstance(value, ShardedObject):
-            yield from _scaling_objects(value, f"{prefix}{key}.")
-        elif isinstance(value, ShardedObject) and _is_fp8_state(value.data):
-            yield prefix + key, value
-
-
-def _is_fp8_state(data) -> bool:
-    return isinstance(data, dict) and "recipe" in data and "scaling" in data
 
 
 def scale_names(holders) -> list[str]:

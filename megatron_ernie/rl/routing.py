@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplay
+from megatron.core.utils import unwrap_model
 
 MODES = ("off", "record", "compare", "replay")
 
@@ -95,7 +96,7 @@ class RoutingReplay:
         self.sp_rank, self.sp_size = sp_rank, sp_size
         self.layers: dict[int, LayerReplay] = {}
         for chunk in chunks:
-            for module in getattr(chunk, "module", chunk).modules():
+            for module in unwrap_model(chunk).modules():
                 if isinstance(module, TopKRouter):
                     index = self.moe_layer_numbers.index(module.layer_number)
                     module.router_replay = self.layers[index] = LayerReplay(index)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+from megatron.core.utils import unwrap_model
 
 from megatron_ernie.model.init import local_shards
 
@@ -51,7 +52,7 @@ def shard_views(chunks) -> dict[str, list[ShardedTensor]]:
     """
     views: dict[str, list[ShardedTensor]] = {}
     for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
+        module = unwrap_model(chunk)
         for sh in local_shards(module):
             if torch.is_tensor(sh.data) and sh.data.is_floating_point():
                 views.setdefault(sh.key, []).append(sh)
