@@ -61,16 +61,31 @@ class SlurmCluster:
         state = self.job(job_id)["JobState"]
         return state if state in DONE_STATES else None
 
-    def wait(self, job_id: str, timeout: float = 60) -> dict[str, str]:
-        """Poll until the job ends; returns its final `scontrol show job` record."""
+    def wait(self, job_id: str, timeout: float = 300) -> dict[str, str]:
+        """Poll until the job ends; returns its final `scontrol show job` record.
+
+        The timeout only guards against a hung job: it is generous (tests do not
+        assert on speed, and a 2-core CI host can be slow), and when it expires
+        the error carries what is needed to see why: the job record, the job's
+        output file and the busiest processes on the host.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = self.job(job_id)
             if info["JobState"] in DONE_STATES:
                 return info
             time.sleep(0.25)
+        info = self.job(job_id)
         self.run(["scancel", job_id], check=False)
-        raise AssertionError(f"job {job_id} did not finish in {timeout} s: {self.job(job_id)}")
+        raise AssertionError(f"job {job_id} did not finish in {timeout} s: {info}\n{self.diagnostics(info)}")
+
+    def diagnostics(self, info: dict[str, str]) -> str:
+        """The job's output file and the top CPU users, for a failure message."""
+        out = Path(info.get("StdOut", ""))
+        text = out.read_text()[-4000:] if out.is_file() else f"(no output file {out})"
+        top = subprocess.run(["ps", "-eo", "pid,etime,pcpu,rss,args", "--sort=-pcpu"],
+                             capture_output=True, text=True).stdout.splitlines()[:15]
+        return f"--- {out}:\n{text}\n--- busiest processes:\n" + "\n".join(line[:200] for line in top)
 
 
 def _cluster_script(action: str) -> subprocess.CompletedProcess:

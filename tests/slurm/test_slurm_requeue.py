@@ -31,7 +31,7 @@ def requeued_job(slurm_cluster, tmp_path_factory):
     script = out / "pretrain.sbatch"
     script.write_text(render_job(slurm, job))
     job_id = slurm_cluster.sbatch(script)
-    info = slurm_cluster.wait(job_id, timeout=120)
+    info = slurm_cluster.wait(job_id)
     runs = {p.stem: json.loads(p.read_text()) for p in out.glob("rank*-run*.json")}
     return info, runs, (out / f"ernie-{job_id}.out").read_text()
 
