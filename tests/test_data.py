@@ -352,6 +352,6 @@ def test_distributed_build_gives_every_rank_the_same_dataset(tmp_path, kjv):
     for process in processes:
         process.start()
     for process in processes:
-        process.join(timeout=120)
+        process.join(timeout=300)
     assert [p.exitcode for p in processes] == [0, 0]
     assert results[0] == results[1] and len(results[0]) == 4

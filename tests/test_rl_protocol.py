@@ -204,7 +204,7 @@ def check_peer_outputs(out_dir: Path) -> None:
 def test_torch_channel_between_two_processes(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, str(REPO), "torch", str(tmp_path), str(rank)])
              for rank in (0, 1)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
     check_peer_outputs(tmp_path)
 
 
@@ -214,6 +214,6 @@ def test_mpi_channel_between_two_ranks(tmp_path):
     pytest.importorskip("mpi4py")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     out = subprocess.run(["mpiexec", "--oversubscribe", "-n", "2", sys.executable, "-c", PEER_SCRIPT, str(REPO),
-                          "mpi", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+                          "mpi", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     check_peer_outputs(tmp_path)

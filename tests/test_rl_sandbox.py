@@ -202,7 +202,7 @@ print(json.dumps({k: [r.status, r.isolation, r.stdout, r.detail]
 def run_as_non_root(*args: str) -> subprocess.CompletedProcess:
     cmd = ["setpriv", f"--reuid={NON_ROOT_UID}", f"--regid={NON_ROOT_UID}", "--clear-groups",
            "/usr/bin/python3", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin"})
 
 
 def readable_copy_of_package() -> Path:
