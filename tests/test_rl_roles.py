@@ -198,3 +198,34 @@ def test_silent_rollout_is_declared_dead_and_its_prompts_reissued(controller):
     assert not peer.alive and ctl.counters.rollouts_died == 1 and ctl.counters.prompts_reissued_lost == 2
     assert sorted(r.prompt_id for r, _ in ctl.reissue) == sorted(p + "#1" for p in issued)
     assert not ctl.pending  # late samples of the lost attempts will be discarded
+
+
+def test_a_failed_weight_sync_is_retried_in_a_new_generation(controller):
+    """Rebuilding a gloo group under a used store prefix waits on the old group's sockets (measured:
+    connectFullMesh fails after the timeout), so a retry with the same members must get a new generation."""
+    from megatron_ernie.rl.control import LockedChannel, SyncDone, SyncPlan
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.protocol import WeightsReady
+    import multiprocessing
+    import time
+
+    ctl = controller(lag=0)
+    ends = {}
+    for role in ("trainer", "rollout"):
+        ours, theirs = multiprocessing.Pipe()
+        peer = Peer(role, 0, 1, "h", LockedChannel(ours), time.monotonic(), version=0)
+        ctl.peers.append(peer)
+        ends[role] = (peer, LockedChannel(theirs))
+    ctl.trainer = ends["trainer"][0]
+    ctl._on_weights_ready(WeightsReady(1, ()))
+
+    def plans() -> list[int]:
+        ctl._maybe_plan_sync()
+        return [end.recv().generation for _, end in ends.values()]
+
+    assert plans() == [1, 1]
+    ctl._on_sync_done(ends["rollout"][0], SyncDone(1, 1, False, detail="Connection closed by peer"))
+    assert plans() == [2, 2]  # same members, new rendezvous namespace
+    ctl._on_sync_done(ends["rollout"][0], SyncDone(1, 2, True))
+    ctl._on_weights_ready(WeightsReady(2, ()))
+    assert plans() == [2, 2]  # after a success the group is reused

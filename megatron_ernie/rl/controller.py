@@ -341,7 +341,10 @@ class Controller:
         if not done.ok:
             self.counters.sync_failures += 1
             log.warning(f"{peer.name}: weight sync of version {done.version} failed: {done.detail}")
-            self.sync_needed = True
+            # Never reuse a generation after a failure: its rendezvous keys in the store still name
+            # the old group's sockets, so rebuilding it under the same prefix would wait for them
+            # until the connect timeout. The next plan opens a new generation, same members or not.
+            self.sync_needed, self.members = True, ()
             return
         if peer.role == "rollout":
             peer.version = max(peer.version, done.version)
