@@ -200,6 +200,22 @@ def test_silent_rollout_is_declared_dead_and_its_prompts_reissued(controller):
     assert not ctl.pending  # late samples of the lost attempts will be discarded
 
 
+def test_rollout_tensor_errors_name_the_field_and_the_fix():
+    from megatron_ernie.config.errors import ConfigError
+
+    assert SystemConfig(rollout_workers=4, rollout_tensor=2).rollout_replicas(4, "rl.system") == 2
+    with pytest.raises(ConfigError, match="rl.system.rollout_tensor = 2") as info:
+        SystemConfig(rollout_workers=3, rollout_tensor=2).validate("rl.system")
+    assert "multiple of rollout_tensor" in str(info.value)
+    with pytest.raises(ConfigError, match="rl.system.rollout_tensor"):  # a Slurm rollout group of 3 tasks
+        SystemConfig(rollout_workers=2, rollout_tensor=2).rollout_replicas(3, "rl.system")
+    cfg = C.load(None, ["model.num_attention_heads=6", "model.num_query_groups=3", "model.ffn_hidden_size=96",
+                        "moe.num_experts=4", "moe.expert_ffn_hidden_size=48"])
+    with pytest.raises(ConfigError, match="model.num_query_groups = 3 is not divisible"):
+        SystemConfig(rollout_workers=2, rollout_tensor=2).check_rollout_tensor(cfg.model, cfg.moe, "rl.system")
+    SystemConfig(rollout_workers=3, rollout_tensor=3).check_rollout_tensor(cfg.model, cfg.moe, "rl.system")
+
+
 def test_a_failed_weight_sync_is_retried_in_a_new_generation(controller):
     """Rebuilding a gloo group under a used store prefix waits on the old group's sockets (measured:
     connectFullMesh fails after the timeout), so a retry with the same members must get a new generation."""

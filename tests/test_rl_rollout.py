@@ -2,10 +2,19 @@
 
 The megatron-core parts run in one torchrun process (tests/dist/rl_worker.py,
 scenario "rollout"): a tiny MoE (2 layers, 8 experts, top-2, init std 0.1 so
-that routing decisions matter) serves 32 arithmetic prompts.
+that routing decisions matter) serves 32 arithmetic prompts. Scenario
+"rollout_replica" (2 processes) checks a tensor-parallel rollout replica
+against the whole model; the last test runs `ernie rl` with two TP2 replicas
+and kills a member of one.
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +135,70 @@ def test_reference_kl_runs_through_the_pipeline_and_matches_data_parallel(refere
     for a, b in zip(ref, got):
         assert b["pg_loss"] == pytest.approx(a["pg_loss"], rel=1e-4, abs=1e-7)
         assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rl-replica") / "result.json"
+    torchrun(2, [ROOT / "tests" / "dist" / "rl_worker.py", "rollout_replica", out], timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_tensor_parallel_replica_generates_what_the_whole_model_generates(replica):
+    reference, leader, follower = replica["reference"], replica["leader"], replica["follower"]
+    assert leader["version"] == follower["version"] == 3  # the follower got the weights through the leader
+    assert leader["numel"] == follower["numel"] < 0.7 * replica["whole_numel"]  # each member holds a shard
+    assert [len(call) for call in leader["outputs"]] == [16, 2]
+    for ref_call, got_call in zip(reference, leader["outputs"]):
+        for (ref_tokens, ref_logprobs, ref_routes, ref_finish), (tokens, logprobs, routes, finish) in zip(
+                ref_call, got_call):
+            assert tokens == ref_tokens and finish == ref_finish  # same samples: same logits, same sampler seed
+            assert np.allclose(logprobs, ref_logprobs, atol=1e-5)  # TP sums differ only in rounding
+            assert np.array_equal(np.sort(routes, -1), np.sort(ref_routes, -1))
+    assert follower["outputs"] == leader["outputs"]  # the members stay in lock step, bit for bit
+    assert len({tuple(g[0]) for g in leader["outputs"][0]}) > 4  # sampling, not one repeated answer
+
+
+def rollout_member_pid(run_dir: Path, rank: int) -> int:
+    """The pid of rollout process `rank` of the run in `run_dir` (followers are not in roles.json)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"rollout" in cmdline and any(str(run_dir).encode() in arg for arg in cmdline) \
+                and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no rollout process of rank {rank} for {run_dir}")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_rollout_replicas_run_rl_and_survive_a_lost_member(tmp_path):
+    """`ernie rl` with 4 rollout processes as two TP2 replicas; one replica loses a member mid-run."""
+    run_dir, steps = tmp_path / "run", 10
+    cmd = [sys.executable, "-m", "megatron_ernie.rl.main", "--config", str(ROOT / "configs" / "rl_tiny_cpu.toml"),
+           "--set", f'run.dir="{run_dir}"', "--set", f"train.iters={steps}", "--set", "rl.system.rollout_tensor=2",
+           "--set", "rl.buffer.max_policy_lag=0", "--set", "checkpoint.save_on_exit=false",
+           "--rollout-workers", "4", "--reward-workers", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "rl.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        metrics_path = run_dir / "rl" / "metrics.jsonl"
+        deadline = time.monotonic() + 600
+        while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(rollout_member_pid(run_dir, 3), signal.SIGKILL)  # replica 1's follower
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    roles = json.loads((run_dir / "rl" / "roles.json").read_text())
+    assert sorted(r["rank"] for r in roles if r["role"] == "rollout") == [0, 1]  # leaders alone join
+    assert [r["alive"] for r in sorted(roles, key=lambda r: r["rank"]) if r["role"] == "rollout"] == [True, False]
+    assert "rollout replica 1: a member is gone" in log.read_text()
+    assert len(metrics) == steps
+    assert metrics[0]["rollout/alive_workers"] == 2 and metrics[-1]["rollout/alive_workers"] == 1
+    # synchronous: each replica generates with the trainer's current weights (bf16 vs the fp32 trainer)
+    assert all(0 <= m["policy/rollout_kl_k3"] < 1e-5 for m in metrics), [m["policy/rollout_kl_k3"] for m in metrics]

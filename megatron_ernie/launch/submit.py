@@ -56,7 +56,20 @@ def load_submission(args: argparse.Namespace) -> tuple[SlurmConfig, JobSpec]:
     passed_on = tuple(o for o in args.set if not o.startswith(("slurm.", "run.dir=")))
     job = JobSpec(kind=args.kind, config_path=str(config_path), run_dir=str(run_dir),
                   overrides=passed_on, command=args.command, dependency=args.dependency)
+    if args.kind == "rl":
+        check_rollout_replicas(slurm, raw.get("rl", {}).get("system", {}).get("rollout_tensor", 1))
     return slurm, job
+
+
+def check_rollout_replicas(slurm: SlurmConfig, rollout_tensor) -> None:
+    """The rollout group's tasks must split into TP replicas of rl.system.rollout_tensor (before queueing)."""
+    group = slurm.rollout
+    tasks = group.nodes * group.ntasks_per_node
+    if isinstance(rollout_tensor, int) and rollout_tensor > 0 and tasks % rollout_tensor:
+        raise ConfigError("rl.system.rollout_tensor", rollout_tensor,
+                          f"the rollout group runs {tasks} tasks (slurm.rollout.nodes={group.nodes} x "
+                          f"{group.ntasks_per_node} per node), which do not split into replicas of "
+                          f"{rollout_tensor}; choose a divisor of {tasks} or resize slurm.rollout")
 
 
 def _run(command: list[str]) -> str:

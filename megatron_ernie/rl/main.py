@@ -75,6 +75,7 @@ def load_config(args) -> tuple[C.ErnieConfig, SystemConfig]:
     system = dataclasses.replace(system, **changes)
     system.validate("rl.system")
     system.check_fp8(cfg.fp8, "rl.system")
+    system.check_rollout_tensor(cfg.model, cfg.moe, "rl.system")
     check_lengths(cfg)
     check_model_vs_parallel(cfg.model, cfg.moe, cfg.parallel)  # before any role starts: the trainer would fail
     check_moe_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
@@ -146,6 +147,10 @@ def run_role(role: str, rank: int, cfg, system, dist_env=None) -> int:
     if role == "rollout":
         from megatron_ernie.rl.rollout.worker import run_rollout
 
+        if system.rollout_tensor > 1 and dist_env is not None and dist_env.het_group is not None:
+            from megatron_ernie.runtime.env import export_torch_env
+
+            export_torch_env(dist_env.within_group())  # the TP replicas' world is the rollout het group
         return run_rollout(cfg, system, rank, address, authkey)
     from megatron_ernie.rl.reward.serve import run_reward
 
@@ -155,8 +160,10 @@ def run_role(role: str, rank: int, cfg, system, dist_env=None) -> int:
 def _expected_rollouts(system: SystemConfig, dist_env) -> int:
     roles = [r for r in os.environ.get("ERNIE_HET_ROLES", "").split(",") if r]
     if dist_env is not None and dist_env.launcher == "slurm" and "rollout" in roles:
-        return int(os.environ.get(f"SLURM_NTASKS_HET_GROUP_{roles.index('rollout')}", system.rollout_workers))
-    return int(os.environ.get("ERNIE_RL_EXPECTED_ROLLOUTS", system.rollout_workers))
+        processes = int(os.environ.get(f"SLURM_NTASKS_HET_GROUP_{roles.index('rollout')}", system.rollout_workers))
+        return system.rollout_replicas(processes, "rl.system")
+    return int(os.environ.get("ERNIE_RL_EXPECTED_ROLLOUTS", system.rollout_replicas(system.rollout_workers,
+                                                                                  "rl.system")))
 
 
 def run_controller(cfg, system, listener, host: str, expected_rollouts: int, watch=None) -> int:
@@ -223,18 +230,30 @@ def launch_local(argv: list[str], cfg, system, trainer_procs: int) -> int:
         env = {**base, "RANK": str(rank), "WORLD_SIZE": str(trainer_procs), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(trainer_procs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
         children.append(subprocess.Popen(command + ["--role", "trainer"], env=env))
+    rollout_world = _rollout_world_env(system)
     for role, count in (("rollout", system.rollout_workers), ("reward", system.reward_workers)):
         for rank in range(count):
-            children.append(subprocess.Popen(command + ["--role", role], env={**base, RANK_ENV: str(rank)}))
+            env = {**base, RANK_ENV: str(rank), **(rollout_world(rank) if role == "rollout" else {})}
+            children.append(subprocess.Popen(command + ["--role", role], env=env))
     try:
         from megatron_ernie.observe.console import setup_logging
 
         setup_logging(cfg.log.level, True)
-        code = run_controller(cfg, system, listener, "127.0.0.1", system.rollout_workers,
+        code = run_controller(cfg, system, listener, "127.0.0.1",
+                              system.rollout_replicas(system.rollout_workers, "rl.system"),
                               watch=lambda controller: _watch_trainers(children[:trainer_procs], controller))
     finally:
         _reap(children)
     return code
+
+
+def _rollout_world_env(system):
+    """rank -> torch world env of the rollout processes, when they form TP replicas (else none)."""
+    if system.rollout_tensor == 1:
+        return lambda rank: {}
+    port, size = _free_port(), system.rollout_workers
+    return lambda rank: {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                         "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 def _watch_trainers(trainers, controller) -> None:

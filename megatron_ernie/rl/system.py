@@ -33,6 +33,9 @@ class SystemConfig:
     """prompts_per_step: GRPO groups in one training batch (batch = prompts_per_step * n_per_prompt).
     rollout_workers / reward_workers: processes a local launch starts (on Slurm: the het group
       sizes decide); reward_workers = 0 scores inside the controller.
+    rollout_tensor: tensor-parallel size of one rollout model replica (megatron-core TP, no SP):
+      rollout processes [k*t, (k+1)*t) generate together as replica k, so the number of
+      rollout processes must be a multiple of it (rollout/replica.py).
     rollout_batch_prompts: prompts a rollout engine generates together in one batch.
     rollout_dtype: precision of the rollout engine; "bf16" against the fp32 trainer is the
       train/inference mismatch that TIS and routing replay correct.
@@ -49,6 +52,7 @@ class SystemConfig:
 
     prompts_per_step: int = 4
     rollout_workers: int = 1
+    rollout_tensor: int = 1
     reward_workers: int = 1
     rollout_batch_prompts: int = 4
     rollout_dtype: str = "bf16"
@@ -62,8 +66,10 @@ class SystemConfig:
     controller_port: int = 0  # 0: derived from the job id (Slurm) or chosen free (local)
 
     def validate(self, path: str) -> None:
-        for name in ("prompts_per_step", "rollout_workers", "rollout_batch_prompts", "agent_max_turns"):
+        for name in ("prompts_per_step", "rollout_workers", "rollout_tensor", "rollout_batch_prompts",
+                     "agent_max_turns"):
             _int_at_least(path, name, getattr(self, name), 1)
+        self.rollout_replicas(self.rollout_workers, path)
         _int_at_least(path, "reward_workers", self.reward_workers, 0)
         _int_at_least(path, "controller_port", self.controller_port, 0)
         if self.rollout_dtype not in ROLLOUT_DTYPES:
@@ -85,6 +91,27 @@ class SystemConfig:
     def shares_fp8_scales(self, fp8: FP8Config) -> bool:
         """Whether weight pushes carry the trainer's delayed-scaling scales (precision/sharing.py)."""
         return fp8.enabled and fp8.recipe == "delayed" and self.fp8_roles == "both"
+
+    def rollout_replicas(self, processes: int, path: str) -> int:
+        """How many TP replicas `processes` rollout processes make (they must divide evenly)."""
+        if processes % self.rollout_tensor:
+            raise ConfigError(f"{path}.rollout_tensor", self.rollout_tensor,
+                              f"{processes} rollout processes do not split into replicas of {self.rollout_tensor}: "
+                              "make the rollout process count (rollout_workers, or the Slurm rollout group's "
+                              "tasks) a multiple of rollout_tensor")
+        return processes // self.rollout_tensor
+
+    def check_rollout_tensor(self, model, moe, path: str) -> None:
+        """The model sizes a rollout TP replica splits must divide by rollout_tensor."""
+        t = self.rollout_tensor
+        sizes = {"model.num_attention_heads": model.num_attention_heads,
+                 "model.num_query_groups": model.num_query_groups, "model.ffn_hidden_size": model.ffn_hidden_size}
+        if moe.num_experts:
+            sizes["moe.expert_ffn_hidden_size"] = moe.expert_ffn_hidden_size
+        for field_path, size in sizes.items():
+            if size % t:
+                raise ConfigError(f"{path}.rollout_tensor", t,
+                                  f"{field_path} = {size} is not divisible by it; choose a divisor of {size}")
 
     def check_fp8(self, fp8: FP8Config, path: str) -> None:
         """fp8_roles against the `[fp8]` table (the two live in different sections)."""

@@ -240,8 +240,67 @@ def scenario_reference_layouts(case: dict, tmp: Path) -> dict:
     return results
 
 
+class RecordingEngine:
+    """A follower's engine that keeps what each generate() returned, to compare with the leader's."""
+
+    def __init__(self, engine):
+        self.engine, self.outputs = engine, []
+
+    def load_weights(self, tensors, version):
+        self.engine.load_weights(tensors, version)
+
+    def generate(self, prompts, params):
+        self.outputs.append(self.engine.generate(prompts, params))
+        return self.outputs[-1]
+
+
+def summarize(generations) -> list:
+    return [[g.response_tokens.tolist(), g.logprobs.tolist(), g.routed_experts.tolist(), g.finish_reason]
+            for g in generations]
+
+
+def scenario_rollout_replica(case: dict, tmp: Path) -> dict:
+    """Generation by a TP2 rollout replica (leader + follower) against the whole model on one rank."""
+    from megatron_ernie.rl.rollout.replica import ReplicaEngine, serve_replica
+    from megatron_ernie.runtime import groups as G
+    from megatron_ernie.runtime.dims import ParallelDims
+
+    cfg = C.load(None, TINY + ["model.init_method_std=0.1"])
+    tokenizer = tokenizer_for(cfg)
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(tokenizer.eod_id,),
+                            stop_sequences=(tuple(tokenizer.encode("=")),))
+    examples = get_task("arithmetic").examples(0, 0, 4, {})
+    calls = [[tokenizer.encode(e.prompt) for e in examples for _ in range(4)],
+             [tokenizer.encode(e.prompt) for e in examples[:2]]]  # a second call: the samplers stay in step
+    groups = G.build_groups(ParallelDims(world=2))
+    G.model_parallel_seed(cfg.run.seed)
+    whole = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype="fp32", seed=11)
+    weights = gather_global(whole.views)  # rank 0: the global tensors (the leader's role)
+    if weights is not None:
+        whole.load_weights(weights, 0)
+    reference = [summarize(whole.generate(prompts, params)) for prompts in calls]
+    whole_numel = sum(p.numel() for p in whole.model.parameters())
+    groups = G.build_groups(ParallelDims(world=2, tp=2, etp=2))
+    G.model_parallel_seed(cfg.run.seed)
+    shard = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype="fp32", seed=11, tensor=2)
+    if dist.get_rank() == 0:
+        leader = ReplicaEngine(shard, groups.pgs.tp)
+        leader.load_weights(weights, 3)
+        outputs = [summarize(leader.generate(prompts, params)) for prompts in calls]
+        leader.close()
+    else:
+        follower = RecordingEngine(shard)
+        serve_replica(follower, groups.pgs.tp)
+        outputs = [summarize(generations) for generations in follower.outputs]
+    mine = {"outputs": outputs, "version": shard.policy_version,
+            "numel": sum(p.numel() for p in shard.model.parameters())}
+    members = [None, None]
+    dist.all_gather_object(members, mine)
+    return {"reference": reference, "leader": members[0], "follower": members[1], "whole_numel": whole_numel}
+
+
 SCENARIOS = {"rollout": scenario_rollout, "fp8_scales": scenario_fp8_scales,
-             "reference_layouts": scenario_reference_layouts}
+             "reference_layouts": scenario_reference_layouts, "rollout_replica": scenario_rollout_replica}
 
 
 if __name__ == "__main__":

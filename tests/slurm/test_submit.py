@@ -115,6 +115,8 @@ def test_dry_run_renders_rl_hetjob_groups(tmp_path, capsys):
     ("rl", ["slurm.time='soon'"], "slurm.time = 'soon': use a Slurm time"),
     ("rl", ["slurm.nodez=3"], "slurm.nodez = 3: unknown key (did you mean 'nodes'?)"),
     ("rl", ["slurm.mpi='openmpi'"], "slurm.mpi = 'openmpi': use pmix (OpenMPI), pmi2 (MPICH) or none"),
+    ("rl", ["rl.system.rollout_tensor=5"], "rl.system.rollout_tensor = 5: the rollout group runs 96 tasks "
+                                           "(slurm.rollout.nodes=24 x 4 per node)"),
     ("pretrain", ["slurm.env='NCCL_DEBUG=INFO'"], "slurm.env = 'NCCL_DEBUG=INFO': "),
     ("pretrain", ["slurm.gpus_per_node=0"], "slurm.gpus_per_node = 0: must be at least 1"),
 ])

@@ -46,13 +46,20 @@ from megatron_ernie.rl.weight_sync import global_shapes, load_global, shard_view
 
 
 class MegatronEngine(GenerationEngine):
-    """One unsharded model replica per process (the rollout world is this process alone)."""
+    """This process's part of one model replica: the whole model, or one of `tensor` TP shards.
+
+    With tensor > 1 the replica's processes must run every call together
+    (rollout/replica.py). Sequence parallelism stays off: a decode step feeds
+    one token per sequence, which cannot be split over TP ranks, and
+    megatron-core allows MoE with TP but without SP outside training.
+    """
 
     def __init__(self, model_cfg, moe_cfg, groups, vocab_size: int, dtype: str = "bf16", seed: int = 0,
-                 ext: Extensions = Extensions(), share_fp8_scales: bool = False):
+                 ext: Extensions = Extensions(), share_fp8_scales: bool = False, tensor: int = 1):
         model_cfg = dataclasses.replace(model_cfg, dtype=dtype)
-        self.tconfig = transformer_config(model_cfg, moe_cfg, ParallelConfig(), **ext.tconfig)
-        chunks = build_chunks(self.tconfig, model_cfg, groups, padded_vocab_size(vocab_size, 1), ext)
+        self.tconfig = transformer_config(model_cfg, moe_cfg, ParallelConfig(tensor=tensor),
+                                          **{**ext.tconfig, "sequence_parallel": False})
+        chunks = build_chunks(self.tconfig, model_cfg, groups, padded_vocab_size(vocab_size, tensor), ext)
         model_init.init_layout_invariant(chunks, seed, model_cfg.init_method_std, model_cfg.num_layers)
         self.model = chunks[0]
         self.model.eval()
