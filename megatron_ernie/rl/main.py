@@ -158,12 +158,12 @@ def run_role(role: str, rank: int, cfg, system, dist_env=None) -> int:
 
 
 def _expected_rollouts(system: SystemConfig, dist_env) -> int:
+    """Rollouts the controller waits for before the first push: one per replica of the rollout processes."""
     roles = [r for r in os.environ.get("ERNIE_HET_ROLES", "").split(",") if r]
+    processes = system.rollout_workers
     if dist_env is not None and dist_env.launcher == "slurm" and "rollout" in roles:
-        processes = int(os.environ.get(f"SLURM_NTASKS_HET_GROUP_{roles.index('rollout')}", system.rollout_workers))
-        return system.rollout_replicas(processes, "rl.system")
-    return int(os.environ.get("ERNIE_RL_EXPECTED_ROLLOUTS", system.rollout_replicas(system.rollout_workers,
-                                                                                  "rl.system")))
+        processes = int(os.environ.get(f"SLURM_NTASKS_HET_GROUP_{roles.index('rollout')}", processes))
+    return system.rollout_replicas(processes, "rl.system")
 
 
 def run_controller(cfg, system, listener, host: str, expected_rollouts: int, watch=None) -> int:
@@ -239,8 +239,7 @@ def launch_local(argv: list[str], cfg, system, trainer_procs: int) -> int:
         from megatron_ernie.observe.console import setup_logging
 
         setup_logging(cfg.log.level, True)
-        code = run_controller(cfg, system, listener, "127.0.0.1",
-                              system.rollout_replicas(system.rollout_workers, "rl.system"),
+        code = run_controller(cfg, system, listener, "127.0.0.1", _expected_rollouts(system, None),
                               watch=lambda controller: _watch_trainers(children[:trainer_procs], controller))
     finally:
         _reap(children)

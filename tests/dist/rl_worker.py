@@ -246,6 +246,9 @@ class RecordingEngine:
     def __init__(self, engine):
         self.engine, self.outputs = engine, []
 
+    def weight_shapes(self):
+        return self.engine.weight_shapes()
+
     def load_weights(self, tensors, version):
         self.engine.load_weights(tensors, version)
 
@@ -261,7 +264,8 @@ def summarize(generations) -> list:
 
 def scenario_rollout_replica(case: dict, tmp: Path) -> dict:
     """Generation by a TP2 rollout replica (leader + follower) against the whole model on one rank."""
-    from megatron_ernie.rl.rollout.replica import ReplicaEngine, serve_replica
+    from megatron_ernie.rl.rollout.replica import ReplicaEngine, init_replica_world, serve_replica
+    from megatron_ernie.rl.system import SystemConfig
     from megatron_ernie.runtime import groups as G
     from megatron_ernie.runtime.dims import ParallelDims
 
@@ -280,17 +284,16 @@ def scenario_rollout_replica(case: dict, tmp: Path) -> dict:
         whole.load_weights(weights, 0)
     reference = [summarize(whole.generate(prompts, params)) for prompts in calls]
     whole_numel = sum(p.numel() for p in whole.model.parameters())
-    groups = G.build_groups(ParallelDims(world=2, tp=2, etp=2))
-    G.model_parallel_seed(cfg.run.seed)
+    groups, control = init_replica_world(SystemConfig(rollout_workers=2, rollout_tensor=2), cfg.run.seed)
     shard = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype="fp32", seed=11, tensor=2)
     if dist.get_rank() == 0:
-        leader = ReplicaEngine(shard, groups.pgs.tp)
+        leader = ReplicaEngine(shard, control, wire_dtype="fp32", bucket_mb=0.05)  # several buckets
         leader.load_weights(weights, 3)
         outputs = [summarize(leader.generate(prompts, params)) for prompts in calls]
         leader.close()
     else:
         follower = RecordingEngine(shard)
-        serve_replica(follower, groups.pgs.tp)
+        serve_replica(follower, control)
         outputs = [summarize(generations) for generations in follower.outputs]
     mine = {"outputs": outputs, "version": shard.policy_version,
             "numel": sum(p.numel() for p in shard.model.parameters())}

@@ -69,3 +69,6 @@ class GenerationEngine(ABC):
     @abstractmethod
     def load_weights(self, tensors: Mapping[str, "object"], version: int) -> None:
         """Replace the weights (global tensors by checkpoint key) and serve `version` from now on."""
+
+    def close(self) -> None:
+        """Release what the engine holds beyond this process (a sharded replica's peers); default: nothing."""

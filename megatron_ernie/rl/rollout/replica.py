@@ -15,8 +15,13 @@ trainer's weight broadcast; it runs the ordinary RolloutWorker over a
   the vocabulary shards (`runtime_gather_output`), so every member sees the
   same logits, and the members' samplers share a seed, so they draw the same
   tokens and stop at the same step without exchanging them.
-* load_weights(tensors, version): the leader's received global tensors are
-  broadcast as one flat buffer per dtype; each member copies out its shard.
+* load_weights(tensors, version): the leader forwards the received global
+  tensors with the trainer's own bucketed broadcast (weight_sync.send_weights
+  / receive_weights, so a transient buffer is one bucket); each member copies
+  out its shard.
+
+Calls and weights travel over a gloo group per replica (CPU tensors and
+pickled calls, like the trainer's weight push), whatever the TP backend.
 
 A follower runs `serve_replica` until the leader says "stop". A member that
 dies breaks its replica's collectives (gloo reports the closed peer), so the
@@ -27,14 +32,17 @@ any dead rollout process; the other replicas are unaffected (separate groups).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_ernie.precision.sharing import split_scales
+from megatron_ernie.rl.protocol import WeightsReady
 from megatron_ernie.rl.rollout.engine import Generation, GenerationEngine, SamplingParams
+from megatron_ernie.rl.weight_sync import plan_push, receive_weights, send_weights
 
 log = logging.getLogger("megatron_ernie.rl.rollout")
 
@@ -42,20 +50,22 @@ IDLE_TIMEOUT_S = 7 * 24 * 3600  # followers wait for the leader's next call for 
 
 
 def init_replica_world(system, seed: int):
-    """The rollout processes as one torch world whose megatron-core TP groups are the replicas."""
+    """The rollout processes as one torch world whose megatron-core TP groups are the replicas.
+
+    Returns (megatron groups, this replica's gloo group for calls and weights).
+    """
     from megatron_ernie.runtime import distributed, groups as G
     from megatron_ernie.runtime.dims import ParallelDims
 
     world = distributed.init_distributed(timeout_s=IDLE_TIMEOUT_S)
-    system.rollout_replicas(world, "rl.system")  # a clear error, not megatron-core's assertion
+    replicas = system.rollout_replicas(world, "rl.system")  # a clear error, not megatron-core's assertion
     tensor = system.rollout_tensor
     groups = G.build_groups(ParallelDims(world=world, tp=tensor, etp=tensor))
     G.model_parallel_seed(seed)
-    return groups
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    control, _ = dist.new_subgroups_by_enumeration(  # a subgroup's own timeout is not the world's: set it
+        [list(range(r * tensor, (r + 1) * tensor)) for r in range(replicas)],
+        timeout=datetime.timedelta(seconds=IDLE_TIMEOUT_S), backend="gloo")
+    return groups, control
 
 
 class ReplicaLost(Exception):
@@ -79,54 +89,22 @@ def _replica_call():
         raise ReplicaLost(str(exc)[:300]) from exc
 
 
-class _Channel:
-    """Leader -> followers broadcasts over the replica's TP group."""
-
-    def __init__(self, group):
-        self.group = group
-
-    def send_call(self, call: tuple) -> None:
-        dist.broadcast_object_list([call], group=self.group, group_src=0)
-
-    def recv_call(self) -> tuple:
-        box = [None]
-        dist.broadcast_object_list(box, group=self.group, group_src=0)
-        return box[0]
-
-    def tensors(self, flat: torch.Tensor) -> torch.Tensor:
-        flat = flat.to(_device())
-        dist.broadcast(flat, group=self.group, group_src=0)
-        return flat
+def _send_call(group, call: tuple) -> None:
+    dist.broadcast_object_list([call], group=group, group_src=0)
 
 
-def _layout(tensors: Mapping[str, torch.Tensor]) -> list[tuple[torch.dtype, list[tuple[str, tuple[int, ...]]]]]:
-    """Names and shapes grouped by dtype, in a fixed order: what followers need to receive them."""
-    by_dtype: dict[torch.dtype, list] = {}
-    for name in sorted(tensors):
-        by_dtype.setdefault(tensors[name].dtype, []).append((name, tuple(tensors[name].shape)))
-    return sorted(by_dtype.items(), key=lambda item: str(item[0]))
-
-
-def _exchange_weights(channel: _Channel, layout, tensors: Mapping[str, torch.Tensor] | None) -> dict:
-    """Broadcast one flat buffer per dtype; every member returns the same name -> tensor dict."""
-    out = {}
-    for dtype, entries in layout:
-        if tensors is not None:
-            flat = _flatten_dense_tensors([tensors[name].contiguous() for name, _ in entries])
-        else:
-            flat = torch.empty(sum(torch.Size(shape).numel() for _, shape in entries), dtype=dtype)
-        flat = channel.tensors(flat)
-        views = _unflatten_dense_tensors(flat, [torch.empty(shape, dtype=dtype, device="meta")
-                                                for _, shape in entries])
-        out.update({name: view for (name, _), view in zip(entries, views)})
-    return out
+def _recv_call(group) -> tuple:
+    box = [None]
+    dist.broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
 
 
 class ReplicaEngine(GenerationEngine):
     """The leader's view of the replica: each call runs on every member, the leader's result is used."""
 
-    def __init__(self, engine: GenerationEngine, group):
-        self.engine, self.channel = engine, _Channel(group)
+    def __init__(self, engine: GenerationEngine, group, wire_dtype: str, bucket_mb: float):
+        self.engine, self.group = engine, group
+        self.wire_dtype, self.bucket_mb = wire_dtype, bucket_mb  # as the trainer's push (rl.system)
 
     @property
     def policy_version(self) -> int:
@@ -136,46 +114,50 @@ class ReplicaEngine(GenerationEngine):
         return self.engine.weight_shapes()
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int) -> None:
-        layout = _layout(tensors)
+        weights, scales = split_scales(tensors)
+        ready = WeightsReady(version, tuple(plan_push(weights, self.wire_dtype, self.bucket_mb, scales)))
         with _replica_call():
-            self.channel.send_call(("load", version, layout))
-            received = _exchange_weights(self.channel, layout, tensors)
-        self.engine.load_weights(received, version)  # local copies: a shape error is the sync's to report
+            _send_call(self.group, ("load", ready))
+            send_weights(self.group, ready, tensors)
+        self.engine.load_weights(tensors, version)  # a shape error is the sync's to report, as without TP
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         prompts = [list(map(int, p)) for p in prompts]
         with _replica_call():
-            self.channel.send_call(("generate", prompts, params))
+            _send_call(self.group, ("generate", prompts, params))
             return self.engine.generate(prompts, params)
 
     def close(self) -> None:
-        """Release the followers (they exit serve_replica)."""
-        with _replica_call():
-            self.channel.send_call(("stop",))
+        """Release the followers (they leave serve_replica); nothing to do once a member is gone."""
+        try:
+            with _replica_call():
+                _send_call(self.group, ("stop",))
+        except ReplicaLost as exc:
+            log.warning(f"rollout replica: could not release the followers: {exc}")
 
 
 def serve_replica(engine: GenerationEngine, group) -> int:
-    """A follower's main loop: run each call the leader broadcasts, until "stop" (0) or the leader is lost (1)."""
+    """A follower's main loop: run each call the leader broadcasts, until "stop" (0) or the replica is lost (1)."""
     try:
         with _replica_call():
-            return _follow(engine, _Channel(group))
+            return _follow(engine, group)
     except ReplicaLost as exc:
         log.error(f"rollout replica follower: lost the replica ({exc}); exiting")
         return 1
 
 
-def _follow(engine: GenerationEngine, channel: _Channel) -> int:
+def _follow(engine: GenerationEngine, group) -> int:
     while True:
-        call = channel.recv_call()
+        call = _recv_call(group)
         if call[0] == "stop":
             return 0
         if call[0] == "load":
-            _, version, layout = call
-            tensors = _exchange_weights(channel, layout, None)
+            ready = call[1]
+            tensors, _ = receive_weights(group, ready, engine.weight_shapes())
             try:
-                engine.load_weights(tensors, version)
+                engine.load_weights(tensors, ready.version)
             except (KeyError, ValueError) as exc:  # the leader fails the same way and reports it
-                log.error(f"rollout replica follower: weights of version {version} not loaded: {exc}")
+                log.error(f"rollout replica follower: weights of version {ready.version} not loaded: {exc}")
         elif call[0] == "generate":
             engine.generate(call[1], call[2])
         else:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron_ernie.rl.control import Heartbeats, Hello, SyncDone, SyncPlan, RolloutStats, connect, recv_or_none
 from megatron_ernie.rl.protocol import PromptRequest, Sample, Shutdown
 from megatron_ernie.rl.rollout.engine import GenerationEngine, SamplingParams
+from megatron_ernie.rl.task_tokenizer import tokenizer_for
 from megatron_ernie.rl.weight_sync import GroupAddress, connect_group, receive_weights
 
 log = logging.getLogger("megatron_ernie.rl.rollout")
@@ -143,30 +144,47 @@ class RolloutWorker:
 
 
 def run_rollout(cfg, system, rank: int, address, authkey: bytes) -> int:
-    """The rollout role's main: a whole replica per process, or one member of a TP replica."""
-    if system.rollout_tensor > 1:
-        return _run_replica_member(cfg, system, address, authkey)
+    """The rollout role's main: a whole model per process, or one member of a TP replica.
+
+    With rl.system.rollout_tensor = t, rollout processes [k*t, (k+1)*t) form
+    replica k (rollout/replica.py): followers serve their leader, and the
+    leader alone serves the controller, as rollout `k`.
+    """
+    from megatron_ernie.rl.rollout.replica import ReplicaEngine, init_replica_world, serve_replica
+
+    tokenizer = tokenizer_for(cfg, agent=system.agent_max_turns > 1)
+    if system.rollout_tensor == 1:
+        engine = _build_engine(cfg, system, init_solo_world(_replica_seed(cfg, rank)), rank, tokenizer.vocab_size)
+        return _serve_controller(engine, tokenizer, cfg, system, rank, address, authkey)
+    groups, control = init_replica_world(system, _replica_seed(cfg, 0))
+    replica, member = divmod(dist.get_rank(), system.rollout_tensor)
+    engine = _build_engine(cfg, system, groups, replica, tokenizer.vocab_size)
+    if member:
+        return serve_replica(engine, control)
+    leader = ReplicaEngine(engine, control, system.rollout_dtype, system.sync_bucket_mb)
+    return _serve_controller(leader, tokenizer, cfg, system, replica, address, authkey)
+
+
+def _serve_controller(engine, tokenizer, cfg, system, rank: int, address, authkey: bytes) -> int:
+    from megatron_ernie.rl.rollout.replica import ReplicaLost
+
     channel = connect(address, authkey, Hello("rollout", rank, os.getpid(), socket.gethostname()))
     beats = Heartbeats(channel, "rollout", rank, system.heartbeat_s)
     try:
-        tokenizer = _tokenizer(cfg, system)
-        engine = _build_engine(cfg, system, init_solo_world(_replica_seed(cfg, rank)), rank, tokenizer.vocab_size)
         return RolloutWorker(engine, tokenizer, cfg.rl.sampling, system, channel, rank).run()
     except EOFError:
         log.error(f"rollout {rank}: the controller closed the connection; exiting")
         return 1
+    except ReplicaLost as exc:  # exiting makes the controller declare this rollout dead and reissue its prompts
+        log.error(f"rollout replica {rank}: a member is gone ({exc}); exiting")
+        return 1
     finally:
         beats.stop()
+        engine.close()
 
 
 def _replica_seed(cfg, replica: int) -> int:
     return cfg.run.seed + 7919 * (replica + 1)
-
-
-def _tokenizer(cfg, system):
-    from megatron_ernie.rl.task_tokenizer import tokenizer_for
-
-    return tokenizer_for(cfg, agent=system.agent_max_turns > 1)
 
 
 def _build_engine(cfg, system, groups, replica: int, vocab_size: int):
@@ -177,40 +195,3 @@ def _build_engine(cfg, system, groups, replica: int, vocab_size: int):
                           dtype=system.rollout_dtype, seed=_replica_seed(cfg, replica),
                           ext=extensions_for(cfg.model, cfg.moe, fp8=system.role_fp8(cfg.fp8, "rollout")),
                           share_fp8_scales=system.shares_fp8_scales(cfg.fp8), tensor=system.rollout_tensor)
-
-
-def _run_replica_member(cfg, system, address, authkey: bytes) -> int:
-    """Rollout processes [k*t, (k+1)*t) form replica k; its leader alone serves the controller."""
-    from megatron_ernie.rl.rollout.replica import ReplicaEngine, ReplicaLost, init_replica_world, serve_replica
-
-    groups = init_replica_world(system, _replica_seed(cfg, 0))
-    replica, member = divmod(dist.get_rank(), system.rollout_tensor)
-    tokenizer = _tokenizer(cfg, system)
-    if member:
-        return serve_replica(_build_engine(cfg, system, groups, replica, tokenizer.vocab_size), groups.pgs.tp)
-    channel = connect(address, authkey, Hello("rollout", replica, os.getpid(), socket.gethostname()))
-    beats = Heartbeats(channel, "rollout", replica, system.heartbeat_s)
-    leader = None
-    try:
-        leader = ReplicaEngine(_build_engine(cfg, system, groups, replica, tokenizer.vocab_size), groups.pgs.tp)
-        return RolloutWorker(leader, tokenizer, cfg.rl.sampling, system, channel, replica).run()
-    except EOFError:
-        log.error(f"rollout replica {replica}: the controller closed the connection; exiting")
-        return 1
-    except ReplicaLost as exc:  # exiting makes the controller declare this rollout dead and reissue its prompts
-        log.error(f"rollout replica {replica}: a member is gone ({exc}); exiting")
-        leader = None
-        return 1
-    finally:
-        beats.stop()
-        if leader is not None:
-            _release(leader, replica)
-
-
-def _release(leader, replica: int) -> None:
-    from megatron_ernie.rl.rollout.replica import ReplicaLost
-
-    try:
-        leader.close()
-    except ReplicaLost as exc:  # a follower is already gone: nothing left to release
-        log.warning(f"rollout replica {replica}: could not release the followers: {exc}")
