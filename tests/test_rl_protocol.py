@@ -140,6 +140,49 @@ def test_schema_errors_name_the_field():
         WeightsReady(1, [WeightBucket(1, 8, "float32", ["a"])])
 
 
+
+def teacher_rows(n: int, vocab: int = 12, seed: int = 0) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(size=(n, vocab))
+    return (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def test_teacher_fields_round_trip_exactly():
+    full = teacher_rows(2)
+    sampled = full[np.arange(2), [8, 9]]
+    original = ScoredSample(make_sample(), 1.0, "ok", teacher="math", teacher_logprobs=sampled, teacher_full=full)
+    back = ScoredSample.from_bytes(original.to_bytes())
+    assert back.teacher == "math"
+    assert back.teacher_logprobs.dtype == np.float32 and back.teacher_logprobs.tolist() == sampled.tolist()
+    assert back.teacher_full.dtype == np.float32 and back.teacher_full.shape == (2, 12)
+    assert np.array_equal(back.teacher_full, full)
+    plain = ScoredSample.from_bytes(ScoredSample(make_sample(), 0.0, "wrong").to_bytes())
+    assert (plain.teacher, plain.teacher_logprobs, plain.teacher_full) == ("", None, None)
+    only_sampled = ScoredSample.from_bytes(
+        ScoredSample(make_sample(), 0.0, "wrong", teacher="t", teacher_logprobs=[-0.5, -2.0]).to_bytes())
+    assert only_sampled.teacher_logprobs.tolist() == [-0.5, -2.0] and only_sampled.teacher_full is None
+
+
+def test_teacher_fields_with_bad_shapes_are_rejected():
+    scored = lambda **kw: ScoredSample(make_sample(), 1.0, "ok", **{"teacher": "math", **kw})
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher_logprobs = .*length 2"):
+        scored(teacher_logprobs=[-1.0, -1.0, -1.0])
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher_logprobs = .*1-d float32"):
+        scored(teacher_logprobs=teacher_rows(2))
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher_full = .*2-d float32"):
+        scored(teacher_full=[-1.0, -1.0])
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher_full = .*length 2"):
+        scored(teacher_full=teacher_rows(3))
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher_full = .*whole vocabulary \(> token id 9\)"):
+        scored(teacher_full=teacher_rows(2, vocab=9))
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher_logprobs = .*finite log-probabilities"):
+        scored(teacher_logprobs=[-1.0, float("-inf")])
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher_logprobs = .*finite log-probabilities"):
+        scored(teacher_logprobs=[0.5, -1.0])
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher = '': expected the alias"):
+        ScoredSample(make_sample(), 1.0, "ok", teacher_logprobs=[-1.0, -1.0])
+    with pytest.raises(ProtocolError, match=r"ScoredSample.teacher = 3: expected str"):
+        ScoredSample(make_sample(), 1.0, "ok", teacher=3)
+
 def test_messages_are_immutable():
     sample = make_sample()
     with pytest.raises(AttributeError):

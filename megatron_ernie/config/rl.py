@@ -18,7 +18,8 @@ from megatron_ernie.rl.system import SystemConfig
 
 from megatron_ernie.config.errors import ConfigError
 
-ADVANTAGE_ESTIMATORS = ("grpo",)
+ADVANTAGE_ESTIMATORS = ("grpo", "opd")
+DISTILL_PAYLOADS = ("sampled", "full")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 STALE_POLICIES = ("drop", "reissue")
 ISOLATION_MODES = ("auto", "namespaces", "rlimits")
@@ -42,6 +43,9 @@ def _require_choice(path: str, name: str, value, choices) -> None:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """Policy-gradient loss settings (see megatron_ernie/rl/algorithms.py).
+
+    advantage: "grpo" (group-relative task reward) or "opd" (on-policy
+    distillation: per-token teacher-minus-student log-prob, see [rl.distill]).
 
     clip_low / clip_high: PPO ratio clip range [1 - clip_low, 1 + clip_high];
     a larger clip_high is DAPO's "clip-higher" (arXiv:2503.14476).
@@ -192,6 +196,67 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Multi-teacher on-policy distillation (OPD): which frozen teacher scores which task.
+
+    teachers: alias -> checkpoint directory (an iter_N directory, or a run or
+      checkpoints directory whose `latest` is used); the launcher checks it exists.
+    routes: task name -> teacher alias. Every task of rl.tasks must be routed:
+      an unmapped task is an error here, never a silent fallback.
+    payload: "sampled" sends the teacher's log-prob of each sampled token (the
+      per-token advantage of Thinking Machines' OPD); "full" also sends the
+      teacher's whole log-prob row so the trainer adds the exact reverse KL.
+    alpha: weight of the task-reward GRPO advantage next to the distillation signal.
+    """
+
+    teachers: dict = field(default_factory=dict)
+    routes: dict = field(default_factory=dict)
+    payload: str = "sampled"
+    alpha: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teachers)
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Teacher aliases in sorted order: the index space of PolicyBatch.teacher_index."""
+        return tuple(sorted(self.teachers))
+
+    def validate(self, path: str) -> None:
+        if self.routes and not self.teachers:
+            raise ConfigError(f"{path}.routes", dict(self.routes),
+                              "routes need rl.distill.teachers (and rl.algorithm.advantage = \"opd\"); "
+                              "declare the teachers or remove the routes")
+        for alias, checkpoint in self.teachers.items():
+            if not alias or not isinstance(checkpoint, str) or not checkpoint:
+                raise ConfigError(f"{path}.teachers.{alias}", checkpoint,
+                                  "give each teacher alias a checkpoint directory, e.g. {math = \"runs/math/checkpoints\"}")
+        for task, alias in self.routes.items():
+            if alias not in self.teachers:
+                raise ConfigError(f"{path}.routes.{task}", alias,
+                                  f"route the task to one of the teachers {list(self.aliases)} "
+                                  "(declare it in rl.distill.teachers)")
+        _require_choice(path, "payload", self.payload, DISTILL_PAYLOADS)
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha < 0:
+            raise ConfigError(f"{path}.alpha", self.alpha,
+                              "must be a finite number >= 0 (0 = distillation signal only)")
+
+    def check_routes(self, path: str, tasks) -> None:
+        """Every task in the prompt mix has a teacher, and every route names a task of the mix."""
+        names = [task.name for task in tasks]
+        for i, name in enumerate(names):
+            if name not in self.routes:
+                raise ConfigError(f"{path}.routes", dict(self.routes),
+                                  f"task '{name}' (rl.tasks[{i}]) has no teacher: add {name} = \"<alias>\" "
+                                  f"with an alias from {list(self.aliases)}")
+        for task in self.routes:
+            if task not in names:
+                raise ConfigError(f"{path}.routes.{task}", self.routes[task],
+                                  f"no task '{task}' in rl.tasks {names}: fix the name or remove the route")
+
+
+@dataclass(frozen=True)
 class RLConfig:
     """The RL sub-tree of the root config."""
 
@@ -201,6 +266,7 @@ class RLConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
     system: SystemConfig = field(default_factory=SystemConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self, path: str) -> None:
         self.system.validate(f"{path}.system")
@@ -212,3 +278,24 @@ class RLConfig:
             raise ConfigError(f"{path}.tasks", self.tasks, "list at least one task")
         for i, task in enumerate(self.tasks):
             task.validate(f"{path}.tasks[{i}]")
+        self.distill.validate(f"{path}.distill")
+        self._check_distillation(path)
+
+    def _check_distillation(self, path: str) -> None:
+        """advantage = "opd" and [rl.distill] teachers come together, at temperature 1, every task routed."""
+        opd = self.algorithm.advantage == "opd"
+        if opd and not self.distill.enabled:
+            raise ConfigError(f"{path}.algorithm.advantage", "opd",
+                              "on-policy distillation needs teachers: set rl.distill.teachers = {alias = checkpoint} "
+                              "and rl.distill.routes = {task = alias}, or use advantage = \"grpo\"")
+        if self.distill.enabled and not opd:
+            raise ConfigError(f"{path}.distill.teachers", dict(self.distill.teachers),
+                              f"teachers are only used with rl.algorithm.advantage = \"opd\" (it is "
+                              f"{self.algorithm.advantage!r}): set it, or remove rl.distill.teachers")
+        if not opd:
+            return
+        self.distill.check_routes(f"{path}.distill", self.tasks)
+        if self.sampling.temperature != 1:
+            raise ConfigError(f"{path}.sampling.temperature", self.sampling.temperature,
+                              "on-policy distillation compares student and teacher distributions at "
+                              "temperature 1 (the teacher scores at 1): set rl.sampling.temperature = 1")

@@ -198,12 +198,23 @@ class Sample(Message):
 
 @dataclass(frozen=True, eq=False)
 class ScoredSample(Message):
-    """Reward -> controller: a sample with its reward and why it got it (status, detail)."""
+    """Reward -> controller (-> teacher -> controller): a sample, its reward and why it got it.
+
+    With on-policy distillation a teacher adds, for the teacher alias `teacher`:
+    teacher_logprobs: float32 [response tokens], log pi_T(y_j | prompt + response[:j])
+      at temperature 1 (payload "sampled" and "full");
+    teacher_full: float32 [response tokens, V], the teacher's whole log-softmax row at
+      temperature 1 over the tokenizer's real vocabulary V (padding cut), payload "full".
+    Environment tokens get rows too; the trainer masks them.
+    """
 
     sample: Sample
     reward: float
     status: str
     detail: str = ""
+    teacher: str = ""
+    teacher_logprobs: np.ndarray | None = None
+    teacher_full: np.ndarray | None = None
 
     def __post_init__(self):
         _check(isinstance(self.sample, Sample), "ScoredSample", "sample", self.sample, "a Sample")
@@ -211,6 +222,24 @@ class ScoredSample(Message):
         object.__setattr__(self, "reward", float(self.reward))
         _check(self.status in REWARD_STATUSES, "ScoredSample", "status", self.status, f"one of {REWARD_STATUSES}")
         _scalar("ScoredSample", "detail", self.detail, str)
+        _scalar("ScoredSample", "teacher", self.teacher, str)
+        self._check_teacher_arrays()
+
+    def _check_teacher_arrays(self) -> None:
+        """Teacher rows: one per response token, finite log-probs, the sampled ids inside the row."""
+        response = self.sample.response_tokens
+        sampled = _array(self, "teacher_logprobs", np.float32, 1, length=len(response), optional=True)
+        full = _array(self, "teacher_full", np.float32, 2, length=len(response), optional=True)
+        for name, arr in (("teacher_logprobs", sampled), ("teacher_full", full)):
+            if arr is None:
+                continue
+            _check(bool(self.teacher), "ScoredSample", "teacher", self.teacher,
+                   f"the alias of the teacher that wrote {name}")
+            _check(bool(np.isfinite(arr).all()) and (arr.size == 0 or float(arr.max()) <= 1e-3),
+                   "ScoredSample", name, arr, "finite log-probabilities (<= 0)")
+        if full is not None and len(response):
+            _check(int(response.max()) < full.shape[1], "ScoredSample", "teacher_full", full,
+                   f"a row over the whole vocabulary (> token id {int(response.max())})")
 
 
 @dataclass(frozen=True, eq=False)
