@@ -25,6 +25,7 @@ same cache).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from typing import Iterable, Sequence
@@ -33,6 +34,7 @@ from megatron.core.tokenizers import MegatronTokenizerBase
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.data.char_tokenizer import CharTokenizer, is_char_tokenizer_document
 from megatron_ernie.data.config import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 
 EOD_TOKEN = "<|endoftext|>"
@@ -120,16 +122,47 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 4096) -> ByteBPE
     return ByteBPETokenizer(hf)
 
 
-def load_tokenizer(path: str, field: str = "data.tokenizer") -> ByteBPETokenizer:
-    """Load a ``tokenizer.json`` written by ``ByteBPETokenizer.save``."""
+def load_tokenizer(path: str, field: str = "data.tokenizer"):
+    """Load a ``tokenizer.json``: a byte-level BPE one (``ByteBPETokenizer.save``) or a character one
+    (``data.char_tokenizer``), whichever the file holds. Both share ids 0 (end of text) and 1 (pad)."""
     if not os.path.isfile(path):
         fix = "no such tokenizer file; give a tokenizer.json saved by a run or by preprocessing"
         raise ConfigError(field, path, fix)
+    document = _read_json(path, field)
+    if is_char_tokenizer_document(document):
+        return CharTokenizer(document["alphabet"], path)
     try:
         hf = Tokenizer.from_file(path)
     except Exception as error:  # tokenizers raises a bare Exception on bad JSON
         raise ConfigError(field, path, f"not a readable tokenizers file ({error})") from None
     return ByteBPETokenizer(hf, path)
+
+
+def _read_json(path: str, field: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(field, path, f"not a readable tokenizers file (not UTF-8 JSON: {error})") from None
+    except OSError as error:
+        raise ConfigError(field, path, f"cannot read it ({error.strerror})") from None
+
+
+def tokenizer_hash(path: str, field: str = "data.tokenizer") -> str:
+    """SHA-256 of the tokenizer's content (vocabulary, merges, specials), not of the file's bytes."""
+    return load_tokenizer(path, field).sha256
+
+
+def require_same_tokenizer(ours: str, theirs: str, field: str) -> None:
+    """Two models that meet (student and teacher, policy and judge, a stage and its input) must share ids.
+
+    A different tokenizer silently turns every target into the wrong token, so
+    a mismatch is refused before anything runs, naming both files.
+    """
+    a, b = tokenizer_hash(ours, field), tokenizer_hash(theirs, field)
+    if a != b:
+        raise ConfigError(field, theirs, f"its tokenizer (sha256 {b[:12]}) differs from {ours} (sha256 {a[:12]}); "
+                          "every stage must use the tokenizer of the checkpoint the pipeline started from")
 
 
 def check_vocab_size(vocab_size: int, field: str = "data.vocab_size") -> None:

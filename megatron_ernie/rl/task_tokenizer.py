@@ -1,4 +1,4 @@
-"""A character tokenizer learned from the RL tasks' own text.
+"""The RL run's tokenizer, and the character tokenizer learned from the RL tasks' own text.
 
 A policy trained from scratch on a CPU has to find a correct answer by chance
 before GRPO can reinforce it: with a byte-level BPE vocabulary (>= 258 ids,
@@ -9,63 +9,23 @@ rise within minutes. The alphabet is collected from the tasks' generated
 prompts and references, so the same tasks always give the same ids: every RL
 role builds the tokenizer itself and no file has to be shared before start.
 
-A run that starts from a pretrained model uses that model's tokenizer instead
-(data.tokenizer); this one only serves from-scratch runs.
+A run that starts from a checkpoint (checkpoint.load: a pretrained, SFT or
+RL model) uses the tokenizer saved inside it, and data.tokenizer names one
+explicitly; the task alphabet only serves from-scratch runs. That is what
+keeps one tokenizer across the post-training stages: an expert trained on a
+subset of the tasks would otherwise get other ids than the SFT model it
+starts from. The class itself lives in data/char_tokenizer.py.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Iterable
+import os
 
-EOS, PAD = "<|endoftext|>", "<|pad|>"
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.data.char_tokenizer import EOS, PAD, CharTokenizer  # noqa: F401 (re-exported)
+
 # What tool calls and replies are written with (rl/agent/tools.py); added in agent mode.
 TOOL_ALPHABET = "<>/\n toolcalcresulterror:0123456789+-*/().=_"
-_FORMAT = "megatron_ernie.char_tokenizer/1"
-
-
-class CharTokenizer:
-    """One id per character; id 0 ends a text, id 1 pads (same ids as data.tokenizer's BPE)."""
-
-    eod_id = 0
-    pad_id = 1
-
-    def __init__(self, alphabet: str):
-        chars = sorted(set(alphabet))
-        if not chars:
-            raise ValueError("CharTokenizer needs a non-empty alphabet")
-        self.alphabet = "".join(chars)
-        self._ids = {c: i + 2 for i, c in enumerate(chars)}
-
-    @classmethod
-    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
-        return cls("".join(set("".join(texts))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.alphabet) + 2
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self._ids[c] for c in text]
-        except KeyError as exc:
-            raise ValueError(f"character {exc.args[0]!r} is not in the task alphabet {self.alphabet!r}: "
-                             "the tokenizer is built from the tasks' text, add the task that uses it") from None
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of the ids; special ids and ids outside the vocabulary decode to nothing."""
-        return "".join(self.alphabet[i - 2] for i in map(int, ids) if 2 <= i < self.vocab_size)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"format": _FORMAT, "alphabet": self.alphabet}))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CharTokenizer":
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a character tokenizer file (format {data.get('format')!r})")
-        return cls(data["alphabet"])
 
 
 def task_texts(tasks, examples_per_task: int = 2000) -> list[str]:
@@ -81,10 +41,30 @@ def task_texts(tasks, examples_per_task: int = 2000) -> list[str]:
 
 
 def tokenizer_for(cfg, agent: bool = False):
-    """The run's tokenizer: data.tokenizer when given (a pretrained model's), else the tasks' characters
-    (plus the tool-call characters in agent mode). Every role calls this with the same arguments."""
-    if cfg.data.tokenizer:
-        from megatron_ernie.data.tokenizer import load_tokenizer
+    """The run's tokenizer, the same in every role:
+    1. data.tokenizer when given;
+    2. else the tokenizer.json inside checkpoint.load (the model this run starts from), so a stage
+       of post-training keeps the ids of the stage before it whatever its own task list is;
+    3. else the characters of the tasks (plus the tool-call characters in agent mode).
+    With both 1 and 2 the two files must hold the same tokenizer."""
+    from megatron_ernie.data.tokenizer import load_tokenizer, require_same_tokenizer
 
+    inherited = checkpoint_tokenizer_path(cfg.checkpoint.load)
+    if cfg.data.tokenizer:
+        if inherited:
+            require_same_tokenizer(inherited, cfg.data.tokenizer, "data.tokenizer")
         return load_tokenizer(cfg.data.tokenizer)
+    if inherited:
+        return load_tokenizer(inherited, "checkpoint.load")
     return CharTokenizer.train(task_texts(cfg.rl.tasks) + ([TOOL_ALPHABET] if agent else []))
+
+
+def checkpoint_tokenizer_path(checkpoint: str) -> str:
+    """The tokenizer.json saved inside checkpoint directory `checkpoint` ("" when none is named)."""
+    if not checkpoint:
+        return ""
+    path = os.path.join(checkpoint, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ConfigError("checkpoint.load", checkpoint,
+                          "has no tokenizer.json: name a checkpoint directory (iter_N) written by this project")
+    return path
