@@ -55,7 +55,7 @@ class CharTokenizer:
         try:
             return [self._ids[c] for c in text]
         except KeyError as exc:
-            raise ValueError(f"character {exc.args[0]!r} is not in the tokenizer's alphabet {self.alphabet!r}: "
+            raise ValueError(f"character {exc.args[0]!r} is not in the task alphabet {self.alphabet!r}: "
                              "the tokenizer is built from the tasks' text, add the task that uses it") from None
 
     def decode(self, ids: Iterable[int]) -> str:
