@@ -186,7 +186,7 @@ class TrainerRole:
         meta = store.Meta(iteration=version, consumed_samples=0, consumed_tokens=0,
                           layout=_layout(), extra={"scheduler": t.scheduler.state_dict(),
                                                    "config": C.loader.to_dict(self.cfg)})
-        files = {"config.toml": Path(self.cfg.run.dir) / "config.toml"}
+        files = {name: Path(self.cfg.run.dir) / name for name in ("config.toml", "tokenizer.json")}
         path = store.save(self.ckpt_root, meta, t.model, t.optimizer, self.cfg.checkpoint.keep_last,
                           {k: v for k, v in files.items() if v.exists()})
         if self.rank == 0:
