@@ -1,0 +1,1 @@
+"""Post-training: the four-stage pipeline (stages, manifest, runner) and task evaluation."""

@@ -1,0 +1,149 @@
+"""From a pipeline file to the stages' resolved run configs, before anything runs.
+
+Each stage is an ordinary `ernie sft` or `ernie rl` run. The pipeline takes
+the stage's own TOML, applies its overrides, then sets what links it to the
+other stages: its run directory, the checkpoint it starts from, the tasks of
+its domain, its teachers (OPD). The result is built into the config tree and
+validated, so a mistake in any stage is reported before the first stage
+starts, and written as `<stage run dir>/stage.toml`, which is what the stage
+runs and what the manifest hashes.
+
+A stage's output checkpoint is known in advance: a stage of N steps saves on
+exit, so it ends with `<run dir>/checkpoints/iter_N`. That is what lets the
+whole chain be planned (and submitted to Slurm with dependencies) up front.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_ernie import config as C
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.loader import apply_overrides, build, read_toml
+from megatron_ernie.config.pipeline import PipelineConfig, PipelineFile, StageConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One run of the pipeline: `kind` is "sft" or "rl"; `after` names the stages it needs."""
+
+    name: str          # "sft", "experts/<name>", "opd", "general"
+    kind: str
+    run_dir: Path
+    config_text: str   # the resolved TOML the stage runs
+    input: str         # the checkpoint it starts from ("" = from scratch)
+    output: Path       # the checkpoint it ends with
+    procs: int
+    after: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "stage.toml"
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.config_text.encode()).hexdigest()
+
+    def write_config(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.config_path.with_suffix(".toml.tmp")
+        temporary.write_text(self.config_text)
+        temporary.replace(self.config_path)
+        return self.config_path
+
+
+def load_pipeline(path: str, overrides=()) -> tuple[PipelineConfig, Path]:
+    """The validated [pipeline] table and the folder its relative paths start from."""
+    raw = apply_overrides(read_toml(path), overrides)
+    pipeline = build(PipelineFile, raw).pipeline
+    pipeline.validate("pipeline")
+    return pipeline, Path(path).resolve().parent
+
+
+def plan(pipeline: PipelineConfig, home: Path) -> list[Stage]:
+    """Every stage in dependency order: sft, the experts, opd, general."""
+    root = _absolute(home, pipeline.dir)
+    base = str(_absolute(home, pipeline.base)) if pipeline.base else ""
+    sft = _stage("sft", "sft", pipeline.sft, pipeline.sft, home, root / "sft", base, (), {})
+    experts = [_stage(f"experts/{e.name}", "rl", pipeline.expert, _with(pipeline.expert, e.steps, e.tasks), home,
+                      root / "experts" / e.name, str(sft.output), ("sft",), {}) for e in pipeline.experts]
+    teachers = {e.name: str(s.output) for e, s in zip(pipeline.experts, experts)}
+    domains = tuple(pipeline.routes())
+    opd = _stage("opd", "rl", pipeline.opd, _with(pipeline.opd, pipeline.opd.steps, pipeline.opd.tasks or domains),
+                 home, root / "opd", str(sft.output), tuple(s.name for s in experts),
+                 _distill(teachers, pipeline.routes()))
+    general = _stage("general", "rl", pipeline.general, pipeline.general, home, root / "general",
+                     str(opd.output), ("opd",), {})
+    return [sft, *experts, opd, general]
+
+
+def _with(stage: StageConfig, steps: int, tasks) -> StageConfig:
+    return StageConfig(stage.config, stage.set, steps or stage.steps, stage.procs, tuple(tasks))
+
+
+def _distill(teachers: dict, routes: dict) -> dict:
+    """The [rl.distill] table of the OPD stage: every expert a teacher, every task routed to its expert."""
+    return {"rl": {"algorithm": {"advantage": "opd"}, "distill": {"teachers": teachers, "routes": routes}}}
+
+
+def _absolute(home: Path, path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else (home / path).resolve()
+
+
+def _stage(name: str, kind: str, source: StageConfig, stage: StageConfig, home: Path, run_dir: Path, start: str,
+           after: tuple, extra: dict) -> Stage:
+    field = f"pipeline.{name.split('/')[0]}"
+    raw = apply_overrides(read_toml(_absolute(home, source.config)), stage.set)
+    raw = _merge(raw, extra)
+    raw = _link(raw, run_dir, start, stage.steps)
+    raw = _select_tasks(raw, stage.tasks, f"{field}.tasks")
+    cfg = _validated(raw, f"{field}.config")
+    output = Path(cfg.run.dir) / "checkpoints" / f"iter_{cfg.train.iters:07d}"
+    return Stage(name, kind, run_dir, C.dumps(cfg), start, output, stage.procs, after,
+                 tuple(t.name for t in cfg.rl.tasks))
+
+
+_REPLACED = ("teachers", "routes")  # tables the pipeline owns whole: never merged with the stage config's
+
+
+def _merge(raw: dict, extra: dict) -> dict:
+    out = copy.deepcopy(raw)
+    for key, value in extra.items():
+        nested = isinstance(value, dict) and key not in _REPLACED
+        out[key] = _merge(out.get(key, {}), value) if nested else value
+    return out
+
+
+def _link(raw: dict, run_dir: Path, start: str, steps: int) -> dict:
+    """Run directory, starting checkpoint, steps, and a checkpoint at the end (the stage's output)."""
+    sets = [f'run.dir="{run_dir}"', f'checkpoint.load="{start}"', "checkpoint.save_on_exit=true"]
+    sets += [f"train.iters={steps}"] if steps else []
+    return apply_overrides(raw, sets)
+
+
+def _select_tasks(raw: dict, names: tuple, field: str) -> dict:
+    """Keep the [[rl.tasks]] entries named by `names` (all when empty); each name must exist."""
+    if not names:
+        return raw
+    tasks = raw.get("rl", {}).get("tasks", [])
+    known = [t.get("name", "arithmetic") for t in tasks]
+    for name in names:
+        if name not in known:
+            raise ConfigError(field, list(names), f"task {name!r} is not among the stage config's "
+                              f"[[rl.tasks]] ({known}); add it there or fix the name")
+    out = copy.deepcopy(raw)
+    out["rl"]["tasks"] = [t for t in tasks if t.get("name", "arithmetic") in names]
+    return out
+
+
+def _validated(raw: dict, field: str) -> C.ErnieConfig:
+    try:
+        cfg = build(C.ErnieConfig, raw)
+        C.validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(err.field, err.value, f"{err.fix} (in the stage built from {field})") from None
+    return cfg

@@ -1,0 +1,169 @@
+"""`ernie pipeline`: the plan (stage configs, links, dependencies) and the local run's bookkeeping
+(manifest, skip, force, resume, a failed expert blocking OPD)."""
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from megatron_ernie import config as C
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.posttrain import pipeline as P
+from megatron_ernie.posttrain.stages import load_pipeline, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+RL_TASKS = """
+[[rl.tasks]]
+name = "arithmetic"
+options = { digits = 1, ops = "-" }
+[[rl.tasks]]
+name = "code"
+"""
+
+
+def _write_pipeline(tmp_path, experts=None, extra=""):
+    (tmp_path / "stage.toml").write_text((ROOT / "configs" / "rl_tiny_cpu.toml").read_text().split("[[rl.tasks]]")[0]
+                                         + RL_TASKS + "\n[rl.system]\nprompts_per_step = 8\n")
+    experts = experts or [("arith", ["arithmetic"], 7), ("coder", ["code"], 5)]
+    blocks = "".join(f'[[pipeline.experts]]\nname = "{n}"\ntasks = {json.dumps(t)}\nsteps = {s}\n'
+                     for n, t, s in experts)
+    (tmp_path / "p.toml").write_text(textwrap.dedent(f"""
+        [pipeline]
+        dir = "out"
+        parallel_experts = 2
+        {extra}
+        [pipeline.sft]
+        config = "stage.toml"
+        steps = 3
+        [pipeline.expert]
+        config = "stage.toml"
+        [pipeline.opd]
+        config = "stage.toml"
+        steps = 4
+        [pipeline.general]
+        config = "stage.toml"
+        steps = 2
+        """) + blocks)
+    return tmp_path / "p.toml"
+
+
+def _stages(tmp_path, **kw):
+    pipeline, home = load_pipeline(str(_write_pipeline(tmp_path, **kw)))
+    return plan(pipeline, home)
+
+
+def test_plan_links_every_stage_to_the_checkpoint_it_starts_from(tmp_path):
+    stages = {s.name: s for s in _stages(tmp_path)}
+    assert list(stages) == ["sft", "experts/arith", "experts/coder", "opd", "general"]
+    out = (tmp_path / "out").resolve()
+    assert stages["sft"].output == out / "sft" / "checkpoints" / "iter_0000003"
+    assert stages["experts/arith"].input == str(stages["sft"].output)
+    assert stages["experts/coder"].output == out / "experts" / "coder" / "checkpoints" / "iter_0000005"
+    assert stages["opd"].after == ("experts/arith", "experts/coder")
+    assert stages["general"].input == str(stages["opd"].output) and stages["general"].after == ("opd",)
+    for stage in stages.values():  # what each stage runs is a complete config of its own
+        stage.write_config()
+        cfg = C.load(stage.config_path)
+        assert cfg.run.dir == str(stage.run_dir) and cfg.checkpoint.load == stage.input
+        assert cfg.checkpoint.save_on_exit
+    arith = C.load(stages["experts/arith"].config_path)
+    assert [t.name for t in arith.rl.tasks] == ["arithmetic"] and arith.train.iters == 7
+    assert arith.rl.tasks[0].options == {"digits": 1, "ops": "-"}
+    opd = C.load(stages["opd"].config_path)
+    assert opd.rl.algorithm.advantage == "opd"
+    assert opd.rl.distill.teachers == {"arith": str(stages["experts/arith"].output),
+                                       "coder": str(stages["experts/coder"].output)}
+    assert opd.rl.distill.routes == {"arithmetic": "arith", "code": "coder"}
+
+
+@pytest.mark.parametrize("experts, field", [
+    ([("a", ["arithmetic"], 1), ("b", ["arithmetic"], 1)], "pipeline.experts[1].tasks"),
+    ([("a", ["arithmetic"], 1), ("a", ["code"], 1)], "pipeline.experts[1].name"),
+    ([("a/b", ["arithmetic"], 1)], "pipeline.experts[0].name"),
+    ([("a", ["sorting"], 1)], "pipeline.experts.tasks"),
+])
+def test_bad_pipelines_are_refused_before_anything_runs(tmp_path, experts, field):
+    with pytest.raises(ConfigError) as err:
+        _stages(tmp_path, experts=experts)
+    assert err.value.field == field
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_keys_and_stage_errors_name_the_field(tmp_path, capsys):
+    path = _write_pipeline(tmp_path, extra="paralel_experts = 2")
+    assert P.main(["--config", str(path)]) == 2
+    assert "pipeline.paralel_experts" in capsys.readouterr().err
+    path = _write_pipeline(tmp_path)
+    assert P.main(["--config", str(path), "--set", 'pipeline.opd.set=["rl.sampling.temperature=0.7"]']) == 2
+    err = capsys.readouterr().err
+    assert "rl.sampling.temperature" in err and "pipeline.opd" in err
+
+
+# ------------------------------------------------------------------ local run
+FAKE_STAGE = """
+import json, os, sys, pathlib
+cfg = sys.argv[sys.argv.index("--config") + 1]
+run = pathlib.Path(cfg).parent
+with open(os.environ["PIPELINE_TEST_LOG"], "a") as log:
+    log.write(run.name + "\\n")
+if run.name in os.environ.get("PIPELINE_TEST_FAIL", "").split(","):
+    sys.exit(3)
+import tomllib
+iters = tomllib.loads(pathlib.Path(cfg).read_text())["train"]["iters"]
+out = run / "checkpoints" / f"iter_{iters:07d}"
+out.mkdir(parents=True, exist_ok=True)
+(out / "tokenizer.json").write_text(json.dumps({"format": "megatron_ernie.char_tokenizer/1", "alphabet": "0123456789-="}))
+(out / "meta.json").write_text("{}")
+"""
+
+
+@pytest.fixture
+def fake_stages(tmp_path, monkeypatch):
+    """Stand-in stage commands (the orchestration is under test here, the stages elsewhere)."""
+    script = tmp_path / "fake_stage.py"
+    script.write_text(FAKE_STAGE)
+    log = tmp_path / "ran.log"
+    monkeypatch.setenv("PIPELINE_TEST_LOG", str(log))
+    monkeypatch.setattr(P, "stage_command", lambda stage: [sys.executable, str(script), "--config",
+                                                           str(stage.config_path)])
+    return lambda: log.read_text().split() if log.exists() else []
+
+
+def test_a_rerun_skips_done_stages_and_force_reruns_a_stage_and_what_follows(tmp_path, fake_stages):
+    path = str(_write_pipeline(tmp_path))
+    assert P.main(["--config", path]) == 0
+    assert sorted(fake_stages()) == ["arith", "coder", "general", "opd", "sft"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]
+    assert {k: v["status"] for k, v in manifest.items()} == dict.fromkeys(
+        ["sft", "experts/arith", "experts/coder", "opd", "general"], "done")
+    assert manifest["opd"]["input_tokenizer_hash"] == manifest["opd"]["output_tokenizer_hash"]
+    assert P.main(["--config", path]) == 0
+    assert len(fake_stages()) == 5  # nothing ran again
+    assert P.main(["--config", path, "--force", "opd"]) == 0
+    assert fake_stages()[5:] == ["opd", "general"]
+    assert P.main(["--config", path, "--set", "pipeline.general.steps=3"]) == 0  # a changed config reruns
+    assert fake_stages()[7:] == ["general"]
+
+
+def test_a_failed_expert_blocks_distillation(tmp_path, fake_stages, monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_TEST_FAIL", "coder")
+    path = str(_write_pipeline(tmp_path))
+    assert P.main(["--config", path]) == 1
+    assert "experts/coder failed" in capsys.readouterr().err
+    assert "opd" not in fake_stages() and "general" not in fake_stages()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]
+    assert manifest["experts/coder"]["status"] == "failed" and manifest["experts/arith"]["status"] == "done"
+    monkeypatch.setenv("PIPELINE_TEST_FAIL", "")
+    assert P.main(["--config", path]) == 0  # the rerun continues where it stopped
+    assert fake_stages()[-3:] == ["coder", "opd", "general"]
+
+
+def test_only_a_later_stage_needs_the_earlier_outputs(tmp_path, fake_stages, capsys):
+    path = str(_write_pipeline(tmp_path))
+    assert P.main(["--config", path, "--only", "opd"]) == 2
+    assert "needs the output of experts/arith" in capsys.readouterr().err
+    assert P.main(["--config", path, "--only", "sft,experts"]) == 0
+    assert P.main(["--config", path, "--only", "opd"]) == 0
+    assert fake_stages()[-1] == "opd"
