@@ -87,7 +87,7 @@ def reorder_experts(moe_layer, load: torch.Tensor, states) -> torch.Tensor:
 
 def calibration_load(run) -> dict[int, torch.Tensor]:
     """Tokens routed to each expert per layer, over the validation batches (full model)."""
-    from megatron_ernie.elastic.hooks import use_full_model
+    from megatron_ernie.elastic.objective import use_full_model
     from megatron_ernie.observe.expert_load import ExpertLoadTracker
     from megatron_ernie.train import loop
 
@@ -101,7 +101,7 @@ def calibration_load(run) -> dict[int, torch.Tensor]:
 
 def layer_importance(run) -> list[int]:
     """Layers ranked by the validation-loss increase when each alone is skipped."""
-    from megatron_ernie.elastic.hooks import use_full_model
+    from megatron_ernie.elastic.objective import use_full_model
     from megatron_ernie.train import loop
 
     use_full_model(run)
@@ -133,6 +133,7 @@ def reorder(run) -> dict:
 
 
 def main(argv=None) -> int:
+    from megatron_ernie.elastic.objective import ElasticObjective
     from megatron_ernie.elastic.session import SINGLE_PROCESS, supernet_config
     from megatron_ernie.train import loop
 
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     if saved.parallel.distributed_optimizer:
         raise ConfigError("parallel.distributed_optimizer", True, "reorder needs the plain optimizer's "
                           "per-parameter state; reorder before enabling the distributed optimizer")
-    run = loop.setup(cfg)
+    run = loop.setup(cfg, ElasticObjective())
     moved = reorder(run)
     order = tuple(layer_importance(run)) if args.layers else saved.elastic.layer_order
     resolved = dataclasses.replace(saved, elastic=dataclasses.replace(saved.elastic, layer_order=order))

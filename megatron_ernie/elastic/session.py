@@ -44,9 +44,10 @@ def open_supernet(run_dir, overrides=(), single_process: bool = False):
     """
     import os
 
+    from megatron_ernie.elastic.objective import ElasticObjective
     from megatron_ernie.train import loop
 
     if single_process or "WORLD_SIZE" not in os.environ:
         overrides = [*SINGLE_PROCESS, *overrides]
     cfg, _ = supernet_config(run_dir, overrides)
-    return loop.setup(cfg)
+    return loop.setup(cfg, ElasticObjective())

@@ -1,8 +1,13 @@
-"""The pretraining loop: setup, iterate, evaluate, checkpoint.
+"""The training loop: setup, iterate, evaluate, checkpoint.
 
 Build order (torchtitan-style, one named step each): distributed init ->
 config checks -> process groups -> seeds -> data -> model -> optimizer and
 schedule -> resume -> observers.  ``pretrain`` is the whole job.
+
+The loop is objective-agnostic: what one optimizer step computes comes from
+an ``Objective`` (train/objective.py) and the data from a data source, both
+chosen by the caller at setup (the CLI: plain LM, the elastic sandwich, SFT).
+It imports no feature package.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -27,6 +33,7 @@ from megatron_ernie.observe.tensorboard import make_writer
 from megatron_ernie.runtime import distributed, groups as G
 from megatron_ernie.runtime.dims import dims_from_config
 from megatron_ernie.train import step as S
+from megatron_ernie.train.objective import LMObjective, Objective
 from megatron_ernie.train.optim import build_optimizer, build_scheduler
 from megatron_ernie.train.signals import EXIT_PREEMPTED, StopFlag
 
@@ -55,6 +62,7 @@ class Run:
     writer: object
     experts: ExpertLoadTracker
     stop: StopFlag
+    objective: Objective = field(default_factory=LMObjective)
 
     @property
     def ckpt_root(self) -> Path:
@@ -72,23 +80,32 @@ def _num_samples(train) -> tuple[int, int, int]:
     return train.iters * train.global_batch_size, max(evals, 1), max(evals, 1)
 
 
-def setup(cfg: C.ErnieConfig) -> Run:
+def pretraining_data(cfg: C.ErnieConfig):
+    """The default data source: the pretraining corpus of ``[data]`` (data/pipeline.py)."""
+    return partial(setup_data, cfg.data)
+
+
+def setup(cfg: C.ErnieConfig, objective: Objective | None = None, data_source=None) -> Run:
+    """Build a run. ``objective``: what a step computes (default: plain LM); ``data_source``:
+    ``(seq_length, (n_train, n_valid, n_test)) -> Data`` (default: the pretraining corpus)."""
+    objective = objective or LMObjective()
     stop = StopFlag()  # first: a scheduler signal during start-up must not kill the task
     world = distributed.init_distributed()
     C.validate(cfg, world)
+    objective.check(cfg)
     groups = G.build_groups(dims_from_config(cfg.parallel, world))
     setup_logging(cfg.log.level, groups.is_logging_rank)
     torch.manual_seed(cfg.run.seed)
     G.model_parallel_seed(cfg.run.seed)
     ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8, elastic=cfg.elastic)  # refuses FP8 it cannot run
-    data = setup_data(cfg.data, cfg.model.seq_length, _num_samples(cfg.train))
+    data = (data_source or pretraining_data(cfg))(cfg.model.seq_length, _num_samples(cfg.train))
     tconfig, model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, data.tokenizer.vocab_size,
                                  cfg.run.seed, ext)
     optimizer = build_optimizer(cfg.optimizer, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.iters)
     run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(),
               make_writer(cfg.log.tensorboard, groups.is_logging_rank, Path(cfg.run.dir) / "tensorboard"),
-              ExpertLoadTracker(model), stop)
+              ExpertLoadTracker(model), stop, objective)
     _write_run_files(run)
     resume(run)
     return run
@@ -101,15 +118,22 @@ def _write_run_files(run: Run) -> None:
 
 
 def resume(run: Run) -> None:
-    """Continue from checkpoint.load or from <run>/checkpoints/latest (resume=auto)."""
+    """Continue from <run>/checkpoints/latest (resume=auto) or else from checkpoint.load.
+
+    With checkpoint.load_weights_only (SFT from a base model) checkpoint.load gives only the
+    weights: optimizer, schedule, data position and RNG start fresh; a later --resume auto of
+    the same run continues from its own latest checkpoint in full."""
     ck = run.cfg.checkpoint
     path = store.find_latest(run.ckpt_root) if ck.resume == "auto" else None
     path = path or (Path(ck.load) if ck.load else None)
     if path is None:
         return
-    meta = store.load(path, run.model, run.optimizer if ck.load_optimizer else None)
-    if meta.extra.get("weights_only"):
-        log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights-only checkpoint')})")
+    from_base = ck.load_weights_only and path == Path(ck.load)
+    meta = store.load(path, run.model, run.optimizer if ck.load_optimizer and not from_base else None,
+                      restore_rng=not from_base)
+    if meta.extra.get("weights_only") or from_base:
+        log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights only')}); "
+                 "fresh optimizer, schedule and data position")
         return
     run.scheduler.load_state_dict(meta.extra["scheduler"])
     run.progress = Progress(meta.iteration, meta.consumed_samples, meta.consumed_tokens)
@@ -130,11 +154,8 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def evaluate(run: Run) -> float:
-    """Validation loss (of the full model; for a supernet, of its largest sub-network)."""
-    if run.cfg.elastic.enabled:
-        from megatron_ernie.elastic import hooks
-
-        hooks.use_full_model(run)
+    """Validation loss of the model in the state the objective evaluates (a supernet: its full network)."""
+    run.objective.before_eval(run)
     t = run.cfg.train
     layout = BatchLayout(t.global_batch_size, t.micro_batch_size, run.groups.dims.dp, run.groups.dp_rank)
     total, tokens = 0.0, 0
@@ -146,15 +167,6 @@ def evaluate(run: Run) -> float:
     run.writer.scalar("eval/loss", loss, run.progress.iteration)
     log.info(f"validation at iteration {run.progress.iteration} | loss {loss:.6f} | ppl {math.exp(min(loss, 50)):.2f}")
     return loss
-
-
-def _train_one(run: Run, batches) -> tuple[S.StepResult, dict]:
-    """One optimizer step: plain, or the elastic sandwich of sub-networks."""
-    if not run.cfg.elastic.enabled:
-        return S.train_step(run.model, run.optimizer, run.scheduler, batches, run.shape, run.groups), {}
-    from megatron_ernie.elastic import hooks
-
-    return hooks.elastic_step(run, batches)
 
 
 def _log_iteration(run: Run, result: S.StepResult, seconds: float, extra: dict) -> None:
@@ -183,7 +195,7 @@ def train(run: Run) -> int:
     batches = iter_global_batches(run.data.train, layout, p.consumed_samples)
     last = min(t.iters, p.iteration + t.exit_interval) if t.exit_interval else t.iters
     while p.iteration < last:
-        result, extra = _train_one(run, next(batches))
+        result, extra = run.objective.step(run, next(batches))
         p.iteration += 1
         p.consumed_samples += t.global_batch_size
         p.consumed_tokens += result.tokens
@@ -203,16 +215,13 @@ def train(run: Run) -> int:
         timer.lap()  # evaluation and saving do not count towards the next iteration's time
     if run.cfg.checkpoint.save_on_exit and not _due(p.iteration, run.cfg.checkpoint.save_interval):
         save_checkpoint(run)
-    if run.cfg.elastic.enabled and run.cfg.elastic.eval_subnets:
-        from megatron_ernie.elastic import hooks
-
-        hooks.write_family(run)
+    run.objective.finish(run)
     return 0
 
 
-def pretrain(cfg: C.ErnieConfig) -> int:
-    """The whole pretraining job; returns the exit code."""
-    run = setup(cfg)
+def pretrain(cfg: C.ErnieConfig, objective: Objective | None = None, data_source=None) -> int:
+    """The whole training job (pretraining, SFT: the caller's objective and data); returns the exit code."""
+    run = setup(cfg, objective, data_source)
     try:
         code = train(run)
         run.writer.flush()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_ernie.cli import pretrain_objective
 from megatron_ernie.train import loop
 from worker import gather, make_cfg  # tests/dist is sys.path[0] under torchrun
 
@@ -81,7 +82,8 @@ def scenario_reference(case: dict, tmp: Path) -> dict:
     tokens = torch.tensor(case["tokens"])
     results = {}
     for name, overrides in case["layouts"].items():
-        run = loop.setup(make_cfg(str(tmp / name), case["common"] + overrides))
+        cfg = make_cfg(str(tmp / name), case["common"] + overrides)
+        run = loop.setup(cfg, pretrain_objective(cfg))
         loop.train(run)
         path = loop.save_checkpoint(run)
         full_network(run)
@@ -98,7 +100,8 @@ def scenario_reload(case: dict, tmp: Path) -> dict:
     for name, spec in case["runs"].items():
         overrides = case["common"] + spec["overrides"] + [f"train.iters={spec['iters']}",
                                                           f"checkpoint.load=\"{spec['load']}\""]
-        run = loop.setup(make_cfg(str(tmp / name), overrides))
+        cfg = make_cfg(str(tmp / name), overrides)
+        run = loop.setup(cfg, pretrain_objective(cfg))
         start = run.progress.iteration
         evaluated = loop.evaluate(run)
         loop.train(run)

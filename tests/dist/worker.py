@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ernie import config as C
+from megatron_ernie.cli import pretrain_objective
 from megatron_ernie.train import loop
 from megatron_ernie.train import step as S
 
@@ -47,8 +48,13 @@ def gather(obj):
     return out
 
 
+def setup(cfg: C.ErnieConfig) -> loop.Run:
+    """A run with the objective `ernie pretrain` would pick (the elastic sandwich for a supernet)."""
+    return loop.setup(cfg, pretrain_objective(cfg))
+
+
 def run_case(run_dir: str, overrides) -> loop.Run:
-    run = loop.setup(make_cfg(run_dir, overrides))
+    run = setup(make_cfg(run_dir, overrides))
     loop.train(run)
     return run
 
@@ -67,7 +73,7 @@ def scenario_equivalence(case: dict, tmp: Path) -> dict:
         name, overrides = case["load_into"]
         src = tmp / case["save_from"] / "checkpoints" / "latest"
         path = src.parent / src.read_text().strip()
-        run = loop.setup(make_cfg(str(tmp / name), overrides + [f"checkpoint.load=\"{path}\""]))
+        run = setup(make_cfg(str(tmp / name), overrides + [f"checkpoint.load=\"{path}\""]))
         results["loaded_eval"] = loop.evaluate(run)
     return results
 
@@ -144,7 +150,7 @@ def scenario_extract(case: dict, tmp: Path) -> dict:
 
 
 def _full_step(run, batches) -> float:
-    from megatron_ernie.elastic.hooks import use_full_model
+    from megatron_ernie.elastic.objective import use_full_model
 
     use_full_model(run)
     return S.train_step(run.model, run.optimizer, run.scheduler, batches, run.shape, run.groups).loss
