@@ -25,7 +25,7 @@ name = "code"
 
 def _write_pipeline(tmp_path, experts=None, extra=""):
     (tmp_path / "stage.toml").write_text((ROOT / "configs" / "rl_tiny_cpu.toml").read_text().split("[[rl.tasks]]")[0]
-                                         + RL_TASKS + "\n[rl.system]\nprompts_per_step = 8\n")
+                                         + RL_TASKS + "\n[rl.system]\nprompts_per_step = 8\n[slurm]\nnodes = 3\n")
     experts = experts or [("arith", ["arithmetic"], 7), ("coder", ["code"], 5)]
     blocks = "".join(f'[[pipeline.experts]]\nname = "{n}"\ntasks = {json.dumps(t)}\nsteps = {s}\n'
                      for n, t, s in experts)
@@ -167,3 +167,17 @@ def test_only_a_later_stage_needs_the_earlier_outputs(tmp_path, fake_stages, cap
     assert P.main(["--config", path, "--only", "sft,experts"]) == 0
     assert P.main(["--config", path, "--only", "opd"]) == 0
     assert fake_stages()[-1] == "opd"
+
+
+def test_submit_dry_run_renders_one_job_per_stage_in_chain_order(tmp_path, capsys):
+    path = str(_write_pipeline(tmp_path))
+    assert P.main(["--config", path, "--submit", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("# ---- ")]
+    assert headers == ["# ---- sft (after nothing)", "# ---- experts/arith (after sft)",
+                       "# ---- experts/coder (after sft)", "# ---- opd (after experts/arith, experts/coder)",
+                       "# ---- general (after opd)"]
+    sft_script = out.split("# ---- experts/arith")[0]
+    assert " sft --config " in sft_script and "hetjob" not in sft_script
+    assert out.count("#SBATCH hetjob") >= 4  # every RL stage is a heterogeneous job
+    assert str((tmp_path / "out" / "opd" / "stage.toml").resolve()) in out

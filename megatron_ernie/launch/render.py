@@ -18,7 +18,7 @@ from megatron_ernie.config.slurm import SlurmConfig
 from megatron_ernie.runtime.env import EXIT_REQUEUE
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
-TEMPLATES = {"pretrain": "pretrain.sbatch", "rl": "rl_hetjob.sbatch"}
+TEMPLATES = {"pretrain": "pretrain.sbatch", "sft": "pretrain.sbatch", "rl": "rl_hetjob.sbatch"}  # sft: the pretraining job
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 _DEPENDENCY = re.compile(r"(after|afterok|afternotok|afterany|aftercorr|afterburstbuffer)(:\d+(\+\d+)?)+"
                          r"|singleton")
@@ -28,7 +28,7 @@ _DEPENDENCY = re.compile(r"(after|afterok|afternotok|afterany|aftercorr|afterbur
 class JobSpec:
     """What runs inside the job: the command side of a submission."""
 
-    kind: str  # "pretrain" | "rl"
+    kind: str  # "pretrain" | "sft" | "rl" (the ernie subcommand)
     config_path: str  # the training TOML (absolute: the job may start elsewhere)
     run_dir: str  # checkpoints, `latest`, and (by default) the Slurm logs
     overrides: tuple[str, ...] = ()  # --set section.key=value passed to the command

@@ -158,7 +158,8 @@ def submit_chain(stages: list[Stage], dry_run: bool) -> dict[str, str]:
         deps = [ids[b] for b in stage.after if b in ids]
         command = [sys.executable, "-m", "megatron_ernie.launch.submit", stage.kind, "--config",
                    str(stage.config_path)]
-        command += [f"--dependency=afterok:{':'.join(deps)}"] if deps else []
+        if deps and not dry_run:  # a dry run has no job ids: its scripts show the chain in their headers
+            command += [f"--dependency=afterok:{':'.join(deps)}"]
         command += ["--dry-run"] if dry_run else ["--parsable"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
