@@ -4,6 +4,7 @@ Parses arguments, loads the config, dispatches to a package function; nothing
 else.  Run distributed subcommands under ``torchrun`` or ``srun``::
 
     torchrun --nproc_per_node=2 -m megatron_ernie.cli pretrain --config configs/tiny_cpu.toml
+    torchrun --nproc_per_node=2 -m megatron_ernie.cli sft --config configs/sft_tiny_cpu.toml
     ernie show-config --config configs/tiny_cpu.toml --set train.iters=100
 """
 
@@ -28,15 +29,50 @@ def _load(args) -> C.ErnieConfig:
     return cfg
 
 
+def pretrain_objective(cfg: C.ErnieConfig):
+    """What a pretraining step computes: the elastic sandwich for a supernet, else plain LM."""
+    if cfg.elastic.enabled:
+        from megatron_ernie.elastic.objective import ElasticObjective
+
+        return ElasticObjective()
+    from megatron_ernie.train.objective import LMObjective
+
+    return LMObjective()
+
+
+def sft_job(cfg: C.ErnieConfig):
+    """SFT = the LM objective on the supervised-data source (response tokens only in the loss)."""
+    from megatron_ernie.data.sft import sft_data_source
+    from megatron_ernie.train.objective import LMObjective
+
+    return LMObjective(), sft_data_source(cfg.sft, cfg.rl.tasks, cfg.data.tokenizer, cfg.checkpoint.load)
+
+
+def _with_resume(args, first=()) -> None:
+    args.overrides = [*first, *args.overrides] + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+
+
 def cmd_pretrain(args) -> int:
     from megatron_ernie.train.loop import pretrain
+
+    _with_resume(args)
+    cfg = _load(args)
+    return _exit(pretrain(cfg, pretrain_objective(cfg)))
+
+
+def cmd_sft(args) -> int:
+    from megatron_ernie.train.loop import pretrain
+
+    # a base checkpoint (checkpoint.load) gives weights only; --set checkpoint.load_weights_only=false undoes it
+    _with_resume(args, first=["checkpoint.load_weights_only=true"])
+    cfg = _load(args)
+    objective, source = sft_job(cfg)
+    return _exit(pretrain(cfg, objective, source))
+
+
+def _exit(code: int) -> int:
     from megatron_ernie.train.signals import EXIT_PREEMPTED
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    args.overrides = overrides
-    code = pretrain(_load(args))
     if code == EXIT_PREEMPTED:
         # Exit at once after the final barrier: under srun --kill-on-bad-exit the first
         # rank to exit 75 gets slower ranks killed while Python tears down.
@@ -82,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", choices=["auto", "none"], help="auto: continue from <run.dir>/checkpoints/latest")
     p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("sft", help="supervised fine-tuning on (prompt, response) pairs; run under torchrun or srun")
+    _add_config_args(p)
+    p.add_argument("--resume", choices=["auto", "none"], help="auto: continue this SFT run from its latest checkpoint")
+    p.set_defaults(func=cmd_sft)
     p = sub.add_parser("show-config", help="print the resolved config (after --set), validated")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=0, help="also check the layout for this many processes")

@@ -14,6 +14,7 @@ from megatron_ernie.config.errors import require
 from megatron_ernie.config.elastic import ElasticConfig
 from megatron_ernie.config.fp8 import FP8Config
 from megatron_ernie.config.rl import RLConfig
+from megatron_ernie.config.sft import SFTConfig
 from megatron_ernie.config.slurm import SlurmConfig
 from megatron_ernie.data.config import DataConfig
 
@@ -203,6 +204,7 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (from <run.dir>/checkpoints/latest if present) | none
     save_on_exit: bool = True
     load_optimizer: bool = True  # false: take weights, schedule and data position, start fresh Adam moments
+    load_weights_only: bool = False  # true: take only the weights of `load` (fine-tuning a base model, SFT)
 
     def validate(self, path: str) -> None:
         require(self.save_interval >= 0, f"{path}.save_interval", self.save_interval, "use 0 to save only at the end")
@@ -240,4 +242,5 @@ class ErnieConfig:
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     rl: RLConfig = field(default_factory=RLConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -1,7 +1,9 @@
 """Verifiable tasks for RL, and how to add your own.
 
-Shipped: "arithmetic" (exact answers, tasks/arithmetic.py) and "code"
-(programs run in the sandbox, tasks/code.py).
+Shipped: "arithmetic" (exact answers, tasks/arithmetic.py), "code"
+(programs run in the sandbox, tasks/code.py) and "calc" (arithmetic with the
+calculator tool: the agent task, tasks/calc.py). Each also gives SFT
+demonstrations (`demo`, see registry.py).
 
 Adding a task (two functions, then one line of config):
 
@@ -29,9 +31,9 @@ does raise are caught by the reward worker and scored as status "error".
 """
 
 from megatron_ernie.rl.reward.verifiers import Verdict
-from megatron_ernie.rl.tasks.registry import (Task, TaskExample, available_tasks, get_task, register_task,
+from megatron_ernie.rl.tasks.registry import (Demo, Task, TaskExample, available_tasks, get_task, register_task,
                                               resolve_task, task)
-from megatron_ernie.rl.tasks import arithmetic, code  # noqa: F401 - importing registers the shipped tasks
+from megatron_ernie.rl.tasks import arithmetic, calc, code  # noqa: F401 - importing registers the shipped tasks
 
-__all__ = ["Task", "TaskExample", "Verdict", "arithmetic", "available_tasks", "code", "get_task", "register_task",
-           "resolve_task", "task"]
+__all__ = ["Demo", "Task", "TaskExample", "Verdict", "arithmetic", "available_tasks", "calc", "code", "get_task",
+           "register_task", "resolve_task", "task"]

@@ -15,7 +15,7 @@ import random
 
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.rl.reward.verifiers import verify_math
-from megatron_ernie.rl.tasks.registry import TaskExample, register_task
+from megatron_ernie.rl.tasks.registry import Demo, TaskExample, register_task
 
 DEFAULTS = {"digits": 2, "ops": "+-", "negative": False}
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -45,9 +45,18 @@ def make_example(seed: int, index: int, options: dict) -> TaskExample:
     return TaskExample(prompt=f"{a}{op}{b}=", reference=str(_APPLY[op](a, b)))
 
 
+def demo(seed: int, index: int, options: dict, wrong: bool = False) -> Demo:
+    """The answer; a wrong demo is off by 1..9 (either way), so the exact-match reward is 0."""
+    answer = int(make_example(seed, index, options).reference)
+    if wrong:
+        rng = random.Random(f"arithmetic-wrong:{seed}:{index}")
+        answer += rng.choice((-1, 1)) * rng.randint(1, 9)
+    return Demo.answer(str(answer))
+
+
 def reward(response: str, reference: str, sandbox=None):
     """Exact match of the response's final number (see verifiers.extract_final_answer)."""
     return verify_math(response, reference)
 
 
-register_task("arithmetic", make_example, reward, description=__doc__.splitlines()[0])
+register_task("arithmetic", make_example, reward, description=__doc__.splitlines()[0], demo=demo)

@@ -18,7 +18,7 @@ import random
 
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.rl.reward.verifiers import verify_code
-from megatron_ernie.rl.tasks.registry import TaskExample, register_task
+from megatron_ernie.rl.tasks.registry import Demo, TaskExample, register_task
 
 KINDS = {"sum": lambda a, b: a + b, "difference": lambda a, b: a - b,
          "product": lambda a, b: a * b, "max": max}
@@ -26,6 +26,9 @@ DEFAULTS = {"kinds": tuple(KINDS), "tests": 3, "digits": 2}
 PROMPT = ("Write a Python program that reads two integers a and b from one line of standard input "
           "and prints their {kind}{note}.\n")
 NOTES = {"difference": " (a - b)"}
+# The reference program of each kind (the SFT demonstration); only characters of the prompts' text.
+PROGRAMS = {"sum": "a + b", "difference": "a - b", "product": "a * b", "max": "max(a, b)"}
+PROGRAM = "a, b = map(int, input().split())\nprint({expression})\n"
 
 
 def check_options(options: dict) -> dict:
@@ -41,8 +44,8 @@ def check_options(options: dict) -> dict:
     return merged
 
 
-def make_example(seed: int, index: int, options: dict) -> TaskExample:
-    opts = check_options(options)
+def _draw(seed: int, index: int, opts: dict) -> tuple[str, list[dict]]:
+    """The example's kind and test cases (deterministic in seed and index)."""
     rng = random.Random(f"code:{seed}:{index}")
     kind = rng.choice(sorted(opts["kinds"]))
     high = 10 ** opts["digits"] - 1
@@ -50,8 +53,20 @@ def make_example(seed: int, index: int, options: dict) -> TaskExample:
     for _ in range(opts["tests"]):
         a, b = rng.randint(-high, high), rng.randint(-high, high)
         tests.append({"stdin": f"{a} {b}\n", "stdout": str(KINDS[kind](a, b))})
+    return kind, tests
+
+
+def make_example(seed: int, index: int, options: dict) -> TaskExample:
+    kind, tests = _draw(seed, index, check_options(options))
     prompt = PROMPT.format(kind=kind, note=NOTES.get(kind, ""))
     return TaskExample(prompt=prompt, reference=json.dumps({"tests": tests}))
+
+
+def demo(seed: int, index: int, options: dict, wrong: bool = False) -> Demo:
+    """The kind's reference program; a wrong demo prints the result plus 1 (fails every test)."""
+    kind, _ = _draw(seed, index, check_options(options))
+    expression = f"{PROGRAMS[kind]} + 1" if wrong else PROGRAMS[kind]
+    return Demo.answer(PROGRAM.format(expression=expression))
 
 
 def reward(response: str, reference: str, sandbox=None):
@@ -59,4 +74,4 @@ def reward(response: str, reference: str, sandbox=None):
     return verify_code(response, reference, sandbox)
 
 
-register_task("code", make_example, reward, description=__doc__.splitlines()[0])
+register_task("code", make_example, reward, description=__doc__.splitlines()[0], demo=demo)

@@ -8,6 +8,12 @@ A task is two plain functions:
       called by reward workers; `sandbox` is the SandboxConfig for code
       execution. A float is taken as the reward with status "ok" if > 0,
       else "wrong".
+and optionally a demonstration for supervised fine-tuning (data/sft.py):
+  demo(seed, index, options, wrong) -> Demo
+      a response to example (seed, index) as the task's author would write
+      it: the answer, a reference program, a scripted tool-call episode.
+      wrong=True must give a response the reward function scores as wrong
+      (deliberately imperfect SFT data, so RL after SFT has headroom).
 """
 
 from __future__ import annotations
@@ -27,12 +33,36 @@ class TaskExample:
     reference: str  # what the reward function needs: an answer, or JSON test cases
 
 
+DEMO_ROLES = ("model", "env")
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A demonstration response as turns in order: (role, text), role "model" (the policy writes it:
+    supervised) or "env" (a tool's reply: in context, never supervised), like rl/agent/episode.py."""
+
+    turns: tuple[tuple[str, str], ...]
+
+    def __post_init__(self):
+        if not self.turns or any(role not in DEMO_ROLES for role, _ in self.turns):
+            raise ValueError(f"Demo.turns = {self.turns!r}: give (role, text) pairs, role one of {DEMO_ROLES}")
+
+    @classmethod
+    def answer(cls, text: str) -> "Demo":
+        return cls((("model", text),))
+
+    @property
+    def text(self) -> str:
+        return "".join(text for _, text in self.turns)
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     make_example: Callable[[int, int, dict], TaskExample]
     reward: Callable[[str, str, SandboxConfig], "Verdict | float"]
     description: str = ""
+    demo: Callable[[int, int, dict, bool], Demo] | None = None  # optional: SFT demonstrations
 
     def examples(self, seed: int, start: int, count: int, options: dict | None = None) -> list[TaskExample]:
         return [self.make_example(seed, i, dict(options or {})) for i in range(start, start + count)]
@@ -49,20 +79,22 @@ class Task:
 _TASKS: dict[str, Task] = {}
 
 
-def register_task(name: str, make_example, reward, description: str = "", replace: bool = False) -> Task:
+def register_task(name: str, make_example, reward, description: str = "", replace: bool = False,
+                  demo=None) -> Task:
     """Make a task available by name (the `name` of a [[rl.tasks]] entry)."""
     if not name or not isinstance(name, str):
         raise ValueError(f"task name {name!r}: use a non-empty string")
     if name in _TASKS and not replace:
         raise ValueError(f"task {name!r} is already registered: pick another name or pass replace=True")
-    _TASKS[name] = Task(name, make_example, reward, description)
+    _TASKS[name] = Task(name, make_example, reward, description, demo)
     return _TASKS[name]
 
 
-def task(name: str, reward, description: str = ""):
+def task(name: str, reward, description: str = "", demo=None):
     """Decorator form: `@task("my_task", reward=my_reward)` on the example generator."""
     def register(make_example):
-        register_task(name, make_example, reward, description or (make_example.__doc__ or "").strip())
+        register_task(name, make_example, reward, description or (make_example.__doc__ or "").strip(),
+                      demo=demo)
         return make_example
     return register
 
