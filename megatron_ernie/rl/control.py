@@ -38,7 +38,7 @@ from multiprocessing.connection import Client, Listener
 from megatron_ernie.rl.protocol import Message, ScoredSample, WeightsReady, _check, _scalar
 from megatron_ernie.rl.transport import PipeChannel
 
-ROLES = ("controller", "trainer", "rollout", "reward")
+ROLES = ("controller", "trainer", "rollout", "reward", "teacher")
 ADDRESS_ENV, AUTHKEY_ENV, RANK_ENV = "ERNIE_RL_CONTROLLER", "ERNIE_RL_AUTHKEY", "ERNIE_RL_RANK"
 
 
@@ -164,6 +164,40 @@ class RolloutStats(Message):
         for name in ("samples", "tokens"):
             _scalar("RolloutStats", name, getattr(self, name), int, 0)
         _scalar("RolloutStats", "seconds", self.seconds, float, 0)
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherReady(Message):
+    """Teacher -> controller: model loaded, serving `alias` from `checkpoint`; route samples to me now.
+
+    tokenizer_sha256 is the content hash of the checkpoint's tokenizer, which
+    the controller compares with the run's once more (the teacher already
+    refused to start on a mismatch).
+    """
+
+    alias: str
+    checkpoint: str
+    tokenizer_sha256: str
+
+    def __post_init__(self):
+        for name in ("alias", "checkpoint", "tokenizer_sha256"):
+            _scalar("TeacherReady", name, getattr(self, name), str)
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherStats(Message):
+    """Teacher -> controller, after each scoring batch: samples, response tokens, forward seconds."""
+
+    alias: str
+    samples: int
+    tokens: int
+    seconds: float
+
+    def __post_init__(self):
+        _scalar("TeacherStats", "alias", self.alias, str)
+        for name in ("samples", "tokens"):
+            _scalar("TeacherStats", name, getattr(self, name), int, 0)
+        _scalar("TeacherStats", "seconds", self.seconds, float, 0)
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,7 +2,8 @@
 
 It runs no model. Every other role connects to it (control.py); it decides
   * which prompts each rollout worker generates, and when (the staleness rule);
-  * where each sample is scored (reward workers, or inline when there are none);
+  * where each sample is scored (reward workers, or inline when there are none),
+    and, with [rl.distill] teachers, which teacher adds its log-probs (teacher/routing.py);
   * when the trainer steps (a full batch of fresh GRPO groups is buffered);
   * when weights are pushed (each new version, to every live rollout worker, on
     a gloo group per membership generation rendezvousing in its TCPStore);
@@ -22,13 +23,14 @@ Faults: a rollout worker whose connection closes or which is silent for
 heartbeat_timeout_s is declared dead; its in-flight prompts are reissued (new
 attempt ids; late samples of the old attempt are discarded), and the next
 weight push uses a new group without it. A dead reward worker's samples are
-rescored elsewhere. A dead trainer ends the run (exit 1): its state is the
+rescored elsewhere, and a dead teacher's by another teacher of its alias. A dead trainer ends the run (exit 1): its state is the
 model, which only a checkpoint restores.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import queue
 import random
@@ -43,7 +45,7 @@ import numpy as np
 
 from megatron_ernie.rl.buffer import ExperienceBuffer
 from megatron_ernie.rl.control import (Failure, Hello, LockedChannel, RolloutStats, Saved, SaveCheckpoint, Start,
-                                       StepDone, SyncDone, SyncPlan, TrainBatch)
+                                       StepDone, SyncDone, SyncPlan, TeacherReady, TeacherStats, TrainBatch)
 from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, Sample, ScoredSample, Shutdown,
                                         WeightsReady)
 from megatron_ernie.rl.reward.worker import score_sample
@@ -113,6 +115,9 @@ class Peer:
     alive: bool = True
     version: int = -1  # rollout: the policy version it serves
     in_flight: dict = field(default_factory=dict)  # rollout: prompt_id -> (request, round); reward: key -> Sample
+    alias: str = ""  # teacher: the [rl.distill] alias it serves (teacher.checkpoints.alias_for_rank)
+    ready: bool = False  # teacher: model loaded (TeacherReady), samples may be routed to it
+    death: str = ""  # why it was declared dead
 
     @property
     def name(self) -> str:
@@ -147,6 +152,8 @@ class Counters:
     rewards_died: int = 0
     sync_failures: int = 0
     reward_failures: int = 0
+    teachers_died: int = 0
+    teacher_rescored: int = 0  # samples sent to another teacher after theirs died
 
 
 # --------------------------------------------------------------- controller
@@ -181,8 +188,19 @@ class Controller:
         self._no_rollouts_since: float | None = None
         self._failure = ""
         self.saving: dict | None = None
+        self.tokenizer_sha256 = tokenizer.sha256
+        self.teachers = self._teacher_pool(cfg.rl.distill, system)
         self._new_connections: queue.Queue = queue.Queue()
         threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
+
+    @staticmethod
+    def _teacher_pool(distill, system):
+        from megatron_ernie.rl.teacher.routing import TeacherPool
+
+        if not distill.enabled:
+            return None
+        timeout = system.heartbeat_timeout_s
+        return TeacherPool(distill, patience_s=3 * timeout, startup_patience_s=max(120.0, 6 * timeout))
 
     # ============================================================== main loop
     def run(self) -> int:
@@ -233,6 +251,8 @@ class Controller:
             peer.send(Start(self.resume_version))
         elif peer.role == "rollout":
             self.sync_needed = self.latest_ready is not None
+        elif peer.role == "teacher":
+            self._teacher_joined(peer)
         self.metrics.roles([_peer_record(p) for p in self.peers])
 
     def _poll(self, timeout_s: float) -> None:
@@ -255,6 +275,8 @@ class Controller:
             if peer.alive and now - peer.last_seen > self.system.heartbeat_timeout_s:
                 self._on_dead(peer, f"no heartbeat for {now - peer.last_seen:.1f} s")
         self._check_rollouts_left(now)
+        if self.teachers is not None and not self._failure:
+            self._failure = self.teachers.stalled(now, self.peers)
 
     def _check_rollouts_left(self, now: float) -> None:
         """Every rollout worker that joined is gone: wait a while for a replacement, then give up."""
@@ -271,7 +293,9 @@ class Controller:
         handler = {
             Heartbeat: lambda m: None,
             Sample: lambda m: self._on_sample(peer, m),
-            ScoredSample: lambda m: self._on_scored(peer, m),
+            ScoredSample: lambda m: (self._on_taught if peer.role == "teacher" else self._on_scored)(peer, m),
+            TeacherReady: lambda m: self._on_teacher_ready(peer, m),
+            TeacherStats: self.metrics.teacher,
             RolloutStats: lambda m: self.metrics.rollout(peer.rank, m),
             WeightsReady: self._on_weights_ready,
             SyncDone: lambda m: self._on_sync_done(peer, m),
@@ -311,14 +335,66 @@ class Controller:
             peer.in_flight.pop((sample.prompt_id, sample.sample_index), None)
         if scored.status not in ("ok", "wrong", "no_answer"):
             self.counters.reward_failures += 1
-        entry = self.pending.get(sample.prompt_id)
-        if entry is None:
+        if sample.prompt_id not in self.pending:
             self.counters.samples_discarded += 1
             return
+        if self.teachers is not None:
+            self._teach(scored)  # joins its group when the teacher's log-probs are back
+            return
+        self._join_group(scored)
+
+    def _join_group(self, scored: ScoredSample) -> None:
+        sample = scored.sample
+        entry = self.pending[sample.prompt_id]
         entry.scored.append(scored)
         if len(entry.scored) == self.n:
             del self.pending[sample.prompt_id]
             self._admit(sorted(entry.scored, key=lambda s: s.sample.sample_index))
+
+    # ============================================================== teachers
+    def _teacher_joined(self, peer: Peer) -> None:
+        from megatron_ernie.rl.teacher.checkpoints import alias_for_rank
+
+        if self.teachers is None:
+            log.warning(f"{peer.name} joined but rl.distill has no teachers; it gets no samples")
+            return
+        peer.alias = alias_for_rank(self.cfg.rl.distill, peer.rank)
+        self.teachers.joined.add(peer.alias)
+
+    def _on_teacher_ready(self, peer: Peer, ready: TeacherReady) -> None:
+        if self.teachers is None or ready.alias != peer.alias or ready.tokenizer_sha256 != self.tokenizer_sha256:
+            self._failure = (f"{peer.name} serves alias {ready.alias!r} from {ready.checkpoint} (tokenizer sha256 "
+                             f"{ready.tokenizer_sha256[:12]}), expected alias {peer.alias!r} with the run's tokenizer "
+                             f"(sha256 {self.tokenizer_sha256[:12]}): start every role from the same config")
+            return
+        peer.ready = True
+        log.info(f"{peer.name} serves teacher {ready.alias!r} from {ready.checkpoint}")
+        for scored in self.teachers.take_waiting(peer.alias):
+            self._teach(scored)
+
+    def _teach(self, scored: ScoredSample) -> None:
+        """Send a reward-scored sample to a teacher of its task's alias (or let it wait for one)."""
+        teacher = self.teachers.pick(self.teachers.alias_of(scored), self.peers)
+        if teacher is None:
+            self.teachers.wait(scored)
+            return
+        teacher.in_flight[(scored.sample.prompt_id, scored.sample.sample_index)] = scored
+        if not teacher.send(scored):
+            self._on_dead(teacher, "send failed")
+
+    def _on_taught(self, peer: Peer, scored: ScoredSample) -> None:
+        sample = scored.sample
+        if peer.in_flight.pop((sample.prompt_id, sample.sample_index), None) is None \
+                or sample.prompt_id not in self.pending:
+            self.counters.samples_discarded += 1  # an abandoned attempt, or already rescored elsewhere
+            return
+        if scored.teacher != peer.alias or scored.teacher_logprobs is None:
+            self._on_dead(peer, f"returned a sample without its teacher log-probs or scored as {scored.teacher!r} "
+                                f"(it serves {peer.alias!r})")
+            self._teach(dataclasses.replace(scored, teacher="", teacher_logprobs=None, teacher_full=None))
+            return
+        self.metrics.taught(scored.teacher)
+        self._join_group(scored)
 
     def _admit(self, group) -> None:
         before = self.buffer.stats.dropped_stale_groups + self.buffer.stats.dropped_uniform_groups
@@ -449,13 +525,14 @@ class Controller:
     def _on_dead(self, peer: Peer, why: str) -> None:
         if not peer.alive:
             return
-        peer.alive = False
+        peer.alive, peer.death = False, why
         log.warning(f"{peer.name} (pid {peer.pid}) is dead: {why}")
         try:
             peer.channel.connection.close()
         except OSError:
             pass
-        {"rollout": self._rollout_died, "reward": self._reward_died, "trainer": self._trainer_died}.get(
+        {"rollout": self._rollout_died, "reward": self._reward_died, "trainer": self._trainer_died,
+         "teacher": self._teacher_died}.get(
             peer.role, lambda p: None)(peer)
         self.metrics.roles([_peer_record(p) for p in self.peers])
 
@@ -474,6 +551,16 @@ class Controller:
         lost, peer.in_flight = list(peer.in_flight.values()), {}
         for sample in lost:
             self._score(sample)
+
+    def _teacher_died(self, peer: Peer) -> None:
+        if self.teachers is None or not peer.alias:
+            return
+        self.counters.teachers_died += 1
+        self.teachers.last_death[peer.alias] = f"{peer.name} (pid {peer.pid}): {peer.death}"
+        lost, peer.in_flight = list(peer.in_flight.values()), {}
+        self.counters.teacher_rescored += len(lost)
+        for scored in lost:
+            self._teach(scored)
 
     def _trainer_died(self, peer: Peer) -> None:
         log.error("the trainer died: stopping the run; restart it to resume from the last checkpoint")

@@ -1,11 +1,15 @@
-"""`ernie rl`: disaggregated asynchronous RL (controller, trainer, rollout and reward roles).
+"""`ernie rl`: disaggregated asynchronous RL (controller, trainer, rollout, reward and teacher roles).
 
     ernie rl --config configs/rl_tiny_cpu.toml [--set k=v ...] [--resume auto|none]
 
 Without a role (no --role, ERNIE_ROLE or Slurm het group), this process is the
 controller and starts every other role as a child process on this machine:
 --trainer-procs trainer ranks (one torch world), --rollout-workers rollout
-engines, --reward-workers reward processes (defaults from [rl.system]).
+engines, --reward-workers reward processes (defaults from [rl.system]), and
+with [rl.distill] teachers --teacher-workers teacher processes PER ALIAS
+(process r serves the (r mod #aliases)-th alias in sorted order, so every
+alias gets the same count; rl/teacher/). Teacher checkpoints are checked
+before any process starts (exit 2 naming rl.distill.teachers.<alias>).
 
 With a role (slurm/rl_hetjob.sbatch exports ERNIE_HET_ROLES; each het group
 runs one role; launch/rl_local.sh sets ERNIE_ROLE), the process runs that role
@@ -33,7 +37,7 @@ from megatron_ernie.rl.control import ADDRESS_ENV, AUTHKEY_ENV, RANK_ENV, authke
 from megatron_ernie.rl.system import SystemConfig, system_config
 
 log = logging.getLogger("megatron_ernie.rl")
-ROLE_CHOICES = ("controller", "trainer", "rollout", "reward")
+ROLE_CHOICES = ("controller", "trainer", "rollout", "reward", "teacher")
 _CONTROLLER_PORT_OFFSET = 64  # from the job's torch master port; het groups use +1..+k
 
 
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer-procs", type=int, help="local launch: trainer processes (default 1)")
     p.add_argument("--rollout-workers", type=int, help="local launch: rollout processes ([rl.system])")
     p.add_argument("--reward-workers", type=int, help="local launch: reward processes ([rl.system])")
+    p.add_argument("--teacher-workers", type=int,
+                   help="local launch: teacher processes per [rl.distill] alias ([rl.system] teacher_workers)")
     return p
 
 
@@ -70,8 +76,8 @@ def load_config(args) -> tuple[C.ErnieConfig, SystemConfig]:
     cfg = build(C.ErnieConfig, raw)
     C.validate(cfg)
     system = build(SystemConfig, raw_system, "rl.system") if raw_system else system_config(cfg)
-    changes = {k: v for k, v in (("rollout_workers", args.rollout_workers),
-                                 ("reward_workers", args.reward_workers)) if v is not None}
+    changes = {k: v for k, v in (("rollout_workers", args.rollout_workers), ("reward_workers", args.reward_workers),
+                                 ("teacher_workers", args.teacher_workers)) if v is not None}
     system = dataclasses.replace(system, **changes)
     system.validate("rl.system")
     system.check_fp8(cfg.fp8, "rl.system")
@@ -152,6 +158,10 @@ def run_role(role: str, rank: int, cfg, system, dist_env=None) -> int:
 
             export_torch_env(dist_env.within_group())  # the TP replicas' world is the rollout het group
         return run_rollout(cfg, system, rank, address, authkey)
+    if role == "teacher":
+        from megatron_ernie.rl.teacher.serve import run_teacher
+
+        return run_teacher(cfg, system, rank, address, authkey)
     from megatron_ernie.rl.reward.serve import run_reward
 
     return run_reward(cfg, system, rank, address, authkey)
@@ -200,7 +210,7 @@ def _child_argv(argv: list[str]) -> list[str]:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--trainer-procs", "--rollout-workers", "--reward-workers", "--role"):
+        if name in ("--trainer-procs", "--rollout-workers", "--reward-workers", "--teacher-workers", "--role"):
             skip = "=" not in arg
             continue
         out.append(arg)
@@ -231,7 +241,8 @@ def launch_local(argv: list[str], cfg, system, trainer_procs: int) -> int:
                "LOCAL_WORLD_SIZE": str(trainer_procs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
         children.append(subprocess.Popen(command + ["--role", "trainer"], env=env))
     rollout_world = _rollout_world_env(system)
-    for role, count in (("rollout", system.rollout_workers), ("reward", system.reward_workers)):
+    teachers = system.teacher_workers * len(cfg.rl.distill.aliases)
+    for role, count in (("rollout", system.rollout_workers), ("reward", system.reward_workers), ("teacher", teachers)):
         for rank in range(count):
             env = {**base, RANK_ENV: str(rank), **(rollout_world(rank) if role == "rollout" else {})}
             children.append(subprocess.Popen(command + ["--role", role], env=env))
@@ -286,6 +297,10 @@ def main(argv=None) -> int:
     try:
         cfg, system = load_config(args)
         role, rank, dist_env = _role_from_env(args)
+        if role in (None, "controller"):  # before any process starts; teachers check again themselves
+            from megatron_ernie.rl.teacher.checkpoints import check_teachers
+
+            check_teachers(cfg, agent=system.agent_max_turns > 1)
         if role is None:
             return launch_local(argv, cfg, system, args.trainer_procs or 1)
         return run_role(role, rank, cfg, system, dist_env)

@@ -5,7 +5,8 @@ Files under <run.dir>/rl/:
   roles.json             every role process seen: role, rank, pid, host, alive, served version
   controller/state_NNNNNNN.json + latest   the controller's checkpoint (see Controller.state_dict)
 TensorBoard (<run.dir>/tensorboard): reward/*, rollout/*, staleness/*, trainer/*,
-weight_sync/*, policy/* (K3, clip fraction, entropy, ...), routing/*, faults/*.
+weight_sync/*, policy/* (K3, clip fraction, entropy, ...), routing/*, faults/*, and with teachers
+teacher/<alias>/* (score seconds, samples scored, tokens/s since the last step; samples in the batch).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class RunMetrics:
         self._started = time.monotonic()
         self._sync: dict = {}
         self._batch: dict = {}
+        self._teachers: dict = {}  # alias -> [samples scored, response tokens, forward seconds] since the last step
         self.history: list[dict] = []
 
     def roles(self, records: list[dict]) -> None:
@@ -62,6 +64,24 @@ class RunMetrics:
     def weight_sync(self, done) -> None:
         self._sync = {"weight_sync/seconds": done.seconds, "weight_sync/bytes": done.nbytes,
                       "weight_sync/bytes_per_s": done.nbytes / max(done.seconds, 1e-9)}
+
+    def teacher(self, stats) -> None:
+        """A teacher's TeacherStats: accumulated per alias until the next step's record."""
+        totals = self._teachers.setdefault(stats.alias, [0, 0, 0.0])
+        totals[1] += stats.tokens
+        totals[2] += stats.seconds
+
+    def taught(self, alias: str) -> None:
+        """One sample came back from a teacher of `alias` and joined its group."""
+        self._teachers.setdefault(alias, [0, 0, 0.0])[0] += 1
+
+    def _teacher_record(self) -> dict:
+        out = {}
+        for alias, (samples, tokens, seconds) in sorted(self._teachers.items()):
+            out.update({f"teacher/{alias}/scored_samples": samples, f"teacher/{alias}/score_s": seconds,
+                        f"teacher/{alias}/tokens_per_s": tokens / max(seconds, 1e-9)})
+        self._teachers = {}
+        return out
 
     def batch(self, version: int, groups) -> None:
         """Statistics of the batch the trainer is about to train on (policy `version`)."""
@@ -78,6 +98,10 @@ class RunMetrics:
             out[f"reward/{task}"] = float(np.mean([s.reward for s in samples if s.sample.task == task]))
         statuses = [s.status for s in samples]
         out["reward/failed_fraction"] = float(np.mean([st not in ("ok", "wrong", "no_answer") for st in statuses]))
+        for alias, task in sorted({(s.teacher, s.sample.task) for s in samples if s.teacher}):
+            count = sum(s.teacher == alias and s.sample.task == task for s in samples)
+            out[f"teacher/{alias}/batch_samples"] = out.get(f"teacher/{alias}/batch_samples", 0) + count
+            out[f"teacher/{alias}/task_{task}"] = count  # routing: only routes[task] == alias may appear
         self._batch = out
 
     def _rollout_rates(self) -> dict:
@@ -96,8 +120,9 @@ class RunMetrics:
         record = {"step": done.version, "time": time.time(), **self._batch, **self._rollout_rates(), **self._sync,
                   "trainer/step_s": done.step_s, "trainer/idle_s": done.idle_s,
                   "trainer/idle_fraction": done.idle_s / max(done.idle_s + done.step_s, 1e-9),
-                  "rollout/alive_workers": len(alive_rollouts)}
-        record.update({f"policy/{k}": v for k, v in trainer.items() if not k.startswith("routing_")})
+                  "rollout/alive_workers": len(alive_rollouts), **self._teacher_record()}
+        record.update({f"policy/{k}": v for k, v in trainer.items() if not k.startswith(("routing_", "distill/"))})
+        record.update({k: v for k, v in trainer.items() if k.startswith("distill/")})  # per-teacher OPD monitors
         record.update({f"routing/{k[len('routing_'):]}": v for k, v in trainer.items() if k.startswith("routing_")})
         record.update({f"buffer/{k}": v for k, v in asdict(buffer_stats).items()})
         record.update({f"faults/{k}": v for k, v in vars(counters).items()})

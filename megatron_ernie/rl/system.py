@@ -48,6 +48,12 @@ class SystemConfig:
       process silent for heartbeat_timeout_s is declared dead and its prompts reissued.
     sync_bucket_mb: size of one weight-broadcast bucket; sync_timeout_s bounds one broadcast.
     agent_max_turns: > 1 runs multi-turn tool-use episodes (rl/agent) instead of single answers.
+    teacher_workers: with [rl.distill] teachers, teacher processes a local launch starts PER ALIAS
+      (`ernie rl --teacher-workers N`); process r serves the (r mod #aliases)-th alias in sorted
+      order (on Slurm: the teacher group's tasks, spread the same way).
+    teacher_dtype: precision of the teachers' forward pass ("fp32": exact log-probs; "bf16": cheaper,
+      ~1e-2 nats of noise in the distillation signal).
+    teacher_batch_samples: samples a teacher scores together in one forward pass.
     """
 
     prompts_per_step: int = 4
@@ -63,17 +69,22 @@ class SystemConfig:
     sync_bucket_mb: float = 16.0
     sync_timeout_s: float = 120.0
     agent_max_turns: int = 1
+    teacher_workers: int = 1
+    teacher_dtype: str = "fp32"
+    teacher_batch_samples: int = 32
     controller_port: int = 0  # 0: derived from the job id (Slurm) or chosen free (local)
 
     def validate(self, path: str) -> None:
         for name in ("prompts_per_step", "rollout_workers", "rollout_tensor", "rollout_batch_prompts",
-                     "agent_max_turns"):
+                     "agent_max_turns", "teacher_workers", "teacher_batch_samples"):
             _int_at_least(path, name, getattr(self, name), 1)
         self.rollout_replicas(self.rollout_workers, path)
         _int_at_least(path, "reward_workers", self.reward_workers, 0)
         _int_at_least(path, "controller_port", self.controller_port, 0)
         if self.rollout_dtype not in ROLLOUT_DTYPES:
             raise ConfigError(f"{path}.rollout_dtype", self.rollout_dtype, f"choose one of {list(ROLLOUT_DTYPES)}")
+        if self.teacher_dtype not in ROLLOUT_DTYPES:
+            raise ConfigError(f"{path}.teacher_dtype", self.teacher_dtype, f"choose one of {list(ROLLOUT_DTYPES)}")
         if self.fp8_roles not in FP8_ROLES:
             raise ConfigError(f"{path}.fp8_roles", self.fp8_roles, f"choose one of {list(FP8_ROLES)}")
         for name in ("heartbeat_s", "heartbeat_timeout_s", "sync_bucket_mb", "sync_timeout_s"):

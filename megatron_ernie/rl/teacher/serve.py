@@ -1,0 +1,89 @@
+"""The teacher role: a frozen checkpoint that adds teacher log-probs to the controller's ScoredSamples.
+
+Start-up, in this order, so that a bad teacher is refused before it scores
+anything and the controller always hears why:
+  1. connect to the controller (Hello "teacher", rank) and start heartbeats —
+     loading a large model takes a while, and a failure below is then reported
+     as a Failure message instead of a silent absence;
+  2. check the checkpoint (teacher/checkpoints.py): complete, config.toml and
+     tokenizer.json present, tokenizer hash equal to the run's, long enough,
+     run sampling at temperature 1;
+  3. load the weights into a forward-only megatron-core model
+     (rollout/checkpoint_engine.py) and send TeacherReady.
+Then: every ScoredSample that arrives is scored in batches (teacher/engine.py)
+and sent back with its teacher fields, followed by a TeacherStats. A teacher
+holds no state the run needs: when it dies, the controller sends its samples
+to another teacher of the same alias.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.rl.control import Failure, Heartbeats, Hello, TeacherReady, TeacherStats, connect, recv_or_none
+from megatron_ernie.rl.protocol import ScoredSample, Shutdown
+
+log = logging.getLogger("megatron_ernie.rl.teacher")
+
+
+def serve(channel, scorer, rank: int = 0) -> int:
+    """Score until Shutdown; returns the exit code (75 when the controller asks for a requeue)."""
+    while True:
+        message = recv_or_none(channel, 0.5)
+        samples = []
+        while message is not None:
+            if isinstance(message, Shutdown):
+                return 75 if message.reason == "requeue" else 0
+            if isinstance(message, ScoredSample):
+                samples.append(message)
+            else:
+                log.warning(f"teacher {rank}: ignoring unexpected {type(message).__name__}")
+            message = recv_or_none(channel, 0.0)
+        if samples:
+            scored, seconds = scorer.score(samples)
+            for item in scored:
+                channel.send(item)
+            tokens = sum(len(s.sample.response_tokens) for s in samples)
+            channel.send(TeacherStats(scorer.alias, len(samples), tokens, seconds))
+
+
+def start_scorer(cfg, system, alias: str):
+    """(TeacherScorer, TeacherReady) after every check of the teacher's checkpoint."""
+    from megatron_ernie.rl.teacher.checkpoints import check_temperature_one, resolve_teacher, run_tokenizer_file
+    from megatron_ernie.rl.teacher.engine import load_scorer
+
+    check_temperature_one(cfg)
+    checked = resolve_teacher(cfg, alias, run_tokenizer_file(cfg, system.agent_max_turns > 1))
+    scorer, _, _ = load_scorer(checked.path, alias, cfg.rl.distill.payload, system.teacher_dtype,
+                               system.teacher_batch_samples, seed=cfg.run.seed)
+    log.info(f"teacher {alias!r} ready: {checked.path} ({system.teacher_dtype}, payload "
+             f"{cfg.rl.distill.payload!r})")
+    return scorer, TeacherReady(alias, str(checked.path), checked.tokenizer_sha256)
+
+
+def run_teacher(cfg, system, rank: int, address, authkey: bytes) -> int:
+    """The teacher role's main: process `rank` serves alias_for_rank(rank)."""
+    from megatron_ernie.rl.teacher.checkpoints import alias_for_rank
+
+    if not cfg.rl.distill.enabled:
+        raise ConfigError("rl.distill.teachers", {}, "a teacher process needs teachers: set rl.distill.teachers "
+                                                     "or do not start the teacher role")
+    alias = alias_for_rank(cfg.rl.distill, rank)
+    channel = connect(address, authkey, Hello("teacher", rank, os.getpid(), socket.gethostname()))
+    beats = Heartbeats(channel, "teacher", rank, system.heartbeat_s)
+    try:
+        try:
+            scorer, ready = start_scorer(cfg, system, alias)
+        except Exception as exc:
+            channel.send(Failure("teacher", f"teacher {rank} ({alias}): {type(exc).__name__}: {exc}"[:2000]))
+            raise
+        channel.send(ready)
+        return serve(channel, scorer, rank)
+    except EOFError:
+        log.error(f"teacher {rank}: the controller closed the connection; exiting")
+        return 1
+    finally:
+        beats.stop()
