@@ -2,7 +2,9 @@
 
 Shipped: "arithmetic" (exact answers, tasks/arithmetic.py), "code"
 (programs run in the sandbox, tasks/code.py) and "calc" (arithmetic with the
-calculator tool: the agent task, tasks/calc.py). Each also gives SFT
+calculator tool: the agent task, tasks/calc.py), plus the open-ended
+"open_ended" (name words of a category, scored by a partial-credit rubric,
+tasks/open_ended.py). Each also gives SFT
 demonstrations (`demo`, see registry.py).
 
 Adding a task (two functions, then one line of config):
@@ -33,7 +35,7 @@ does raise are caught by the reward worker and scored as status "error".
 from megatron_ernie.rl.reward.verifiers import Verdict
 from megatron_ernie.rl.tasks.registry import (Demo, Task, TaskExample, available_tasks, get_task, register_task,
                                               resolve_task, task)
-from megatron_ernie.rl.tasks import arithmetic, calc, code  # noqa: F401 - importing registers the shipped tasks
+from megatron_ernie.rl.tasks import arithmetic, calc, code, open_ended  # noqa: F401 - importing registers the shipped tasks
 
 __all__ = ["Demo", "Task", "TaskExample", "Verdict", "arithmetic", "available_tasks", "calc", "code", "get_task",
-           "register_task", "resolve_task", "task"]
+           "open_ended", "register_task", "resolve_task", "task"]
