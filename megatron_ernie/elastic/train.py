@@ -24,36 +24,10 @@ from megatron.core import tensor_parallel
 
 from megatron_ernie.elastic.model import apply_subnet
 from megatron_ernie.elastic.subnet import Subnet
+from megatron_ernie.model.vocab_parallel import vocab_parallel_kl
 from megatron_ernie.train import step as S
 
 ROLES = ("largest", "smallest", "random")
-
-
-def vocab_parallel_kl(student, teacher, tp_group):
-    """KL(teacher || student) per token on logits sharded over the vocabulary (TP).
-
-    Written as  sum p_t log p_t  -  sum p_t z_s  +  logsumexp(z_s)  (using
-    sum p_t = 1) so that every all-reduced quantity enters the loss with a
-    coefficient that is the same on all TP ranks, which is what megatron's
-    reduce (identity backward) assumes.  Summing per-shard KL terms instead
-    would give each rank only its shard's share of the logsumexp gradient.
-    """
-    reduce = tensor_parallel.reduce_from_tensor_model_parallel_region
-
-    def shifted(logits):
-        peak = logits.detach().max(dim=-1, keepdim=True).values
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=tp_group)
-        return logits - peak
-
-    with torch.no_grad():
-        t = shifted(teacher.float())
-        t_lse = reduce(t.exp().sum(dim=-1, keepdim=True), group=tp_group).log()
-        p_t = (t - t_lse).exp()
-        neg_entropy = reduce((p_t * (t - t_lse)).sum(dim=-1), group=tp_group)
-    s = shifted(student.float())
-    s_lse = reduce(s.exp().sum(dim=-1), group=tp_group).log()
-    cross = reduce((p_t * s).sum(dim=-1), group=tp_group)
-    return neg_entropy - cross + s_lse
 
 
 @dataclass

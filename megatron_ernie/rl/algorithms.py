@@ -13,6 +13,8 @@ Three policies appear in asynchronous RL, and the names say which is which:
   rollout_logprobs    pi_rollout, what the rollout engine reported while
                       sampling: possibly an older policy version (staleness)
                       and a different numerical stack (kernels, precision)
+  teacher_logprobs    pi_T, a frozen teacher scoring the same tokens (on-policy
+                      distillation), at temperature 1
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from megatron_ernie.model.vocab_parallel import vocab_parallel_reverse_kl
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: keeps exp() finite for wildly off-policy tokens
@@ -203,15 +207,106 @@ def reverse_kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.T
     return (log_s.exp() * (log_s - log_t)).sum(-1)
 
 
+# ------------------------------------------------------------------ on-policy distillation
+
+
+def opd_advantages(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                   reward_advantages: torch.Tensor, alpha: float, distill_term: bool = True) -> torch.Tensor:
+    """Per-token on-policy distillation advantage, [B, T]:
+
+        A_t = sg[log pi_T(y_t | c_t) - log pi_S(y_t | c_t)] + alpha * A_reward
+
+    The student samples y from its own policy and a frozen teacher scores every
+    token; minimising the reverse KL(pi_S || pi_T) token by token is a policy
+    gradient with this per-token reward and discount 0 (GKD, Agarwal et al.,
+    arXiv:2306.13649; Thinking Machines, "On-Policy Distillation", 2025;
+    MiniLLM, arXiv:2306.08543). It goes through the same clipped loss with TIS
+    as GRPO. student_logprobs must be the TRAINER's log-probs (detached here):
+    the rollout engine's would add the train/rollout mismatch to the signal.
+    A_reward is the GRPO group advantage of the task reward ([B] or [B, T]),
+    weighted by distill.alpha. distill_term=False keeps only alpha * A_reward
+    (payload "full", where the exact KL replaces the sampled estimate).
+    """
+    _same_shape(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs)
+    reward = reward_advantages.unsqueeze(-1) if reward_advantages.dim() == student_logprobs.dim() - 1 \
+        else reward_advantages
+    advantages = (alpha * reward.to(student_logprobs.dtype)).expand_as(student_logprobs)
+    if distill_term:
+        advantages = advantages + (teacher_logprobs - student_logprobs).detach()
+    return advantages.detach()
+
+
+def teacher_reverse_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Exact per-position reverse KL(pi_S || pi_T) = sum_v p_S(v) (log p_S(v) - log p_T(v)).
+
+    The full-vocabulary form of the distillation objective (payload "full";
+    DeepSeek-V4 and NeMo-RL's on_policy_distillation.full use it instead of the
+    one-sample estimate), with zero variance over the vocabulary. Logits may be
+    this rank's vocabulary shard under TP, with the teacher's row sliced to the
+    same columns and vocabulary padding cut from both; sums over the
+    vocabulary are all-reduced over tp_group (megatron_ernie/model/vocab_parallel.py).
+    Gradient flows only into the student.
+    """
+    return vocab_parallel_reverse_kl(student_logits, teacher_logprobs, tp_group)
+
+
+# columns of teacher_sums: what the per-teacher metrics are made of
+TEACHER_SUM_COLUMNS = ("tokens", "k1", "k3", "abs_adv", "full_kl")
+
+
+def teacher_sums(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, loss_mask: torch.Tensor,
+                 teacher_index: torch.Tensor, num_teachers: int,
+                 full_kl: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-teacher token sums [num_teachers, len(TEACHER_SUM_COLUMNS)] for KL monitors.
+
+    Over the response tokens (loss mask) of the sequences each teacher scored:
+    k1 = log pi_S - log pi_T, unbiased for KL(pi_S || pi_T) since the tokens come
+    from the student, and k3 = (r - 1) - log r with r = pi_T / pi_S, unbiased and
+    never negative (J. Schulman, "Approximating KL Divergence", 2020);
+    abs_adv = |log pi_T - log pi_S|, the size of the distillation advantage;
+    full_kl = the exact reverse KL when the full rows are known (else 0).
+    Sums, not means, so micro-batches and data-parallel ranks add up exactly.
+    teacher_index: [B] index into the sorted aliases, -1 = no teacher.
+    """
+    _same_shape(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs, loss_mask=loss_mask)
+    log_ratio = (teacher_logprobs - student_logprobs).detach().float()
+    mask = loss_mask.float()
+    columns = [mask, -log_ratio, k3(log_ratio), log_ratio.abs(),
+               full_kl.detach().float() if full_kl is not None else torch.zeros_like(mask)]
+    per_sequence = torch.stack([(c * mask).sum(-1) for c in columns], dim=-1)  # [B, C]
+    one_hot = (teacher_index.long().unsqueeze(-1) == torch.arange(num_teachers)).to(per_sequence.dtype)
+    return one_hot.transpose(0, 1) @ per_sequence
+
+
+def teacher_metrics(sums: torch.Tensor, aliases, full: bool) -> dict[str, float]:
+    """Means per teacher (and over all teachers) from teacher_sums added over a whole step.
+
+    Names are distill/<alias>/<k1|k3|abs_adv|token_share|full_kl> and distill/<k1|k3|abs_adv|full_kl>.
+    """
+    names = [c for c in TEACHER_SUM_COLUMNS[1:] if full or c != "full_kl"]
+    col = {c: i for i, c in enumerate(TEACHER_SUM_COLUMNS)}
+    total = sums.sum(0)
+    all_tokens = max(float(total[0]), 1.0)
+    out = {}
+    for alias, row in zip(aliases, sums):
+        tokens = max(float(row[0]), 1.0)
+        out.update({f"distill/{alias}/{c}": float(row[col[c]]) / tokens for c in names})
+        out[f"distill/{alias}/token_share"] = float(row[0]) / all_tokens
+    out.update({f"distill/{c}": float(total[col[c]]) / all_tokens for c in names})
+    return out
+
+
 def rl_loss(logprobs: torch.Tensor, train_old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
             advantages: torch.Tensor, loss_mask: torch.Tensor, config,
-            ref_logprobs: torch.Tensor | None = None,
-            entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            ref_logprobs: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+            teacher_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The full per-batch objective from an AlgorithmConfig; returns (loss, detached metrics).
 
-    loss = PPO-clip (x TIS weights if tis_cap > 0) + kl_coef * K3(ref) - entropy_coef * H,
-    every term aggregated with config.loss_agg over the loss mask. Metrics stay
-    tensors so logging them costs no device sync until the caller reads them.
+    loss = PPO-clip (x TIS weights if tis_cap > 0) + kl_coef * K3(ref) - entropy_coef * H
+           + KL(student || teacher) (per-token exact reverse KL, on-policy distillation payload "full"),
+    every term aggregated with config.loss_agg over the loss mask. advantages are [B]
+    (GRPO) or per token [B, T] (opd_advantages). Metrics stay tensors so logging
+    them costs no device sync until the caller reads them.
     """
     weights = None
     if config.tis_cap > 0:
@@ -231,4 +326,8 @@ def rl_loss(logprobs: torch.Tensor, train_old_logprobs: torch.Tensor, rollout_lo
         mean_entropy = aggregate_token_loss(entropy, loss_mask, config.loss_agg)
         loss = loss - config.entropy_coef * mean_entropy
         metrics["entropy"] = mean_entropy.detach()
+    if teacher_kl is not None:
+        distill = aggregate_token_loss(teacher_kl, loss_mask, config.loss_agg)
+        loss = loss + distill
+        metrics["teacher_kl"] = distill.detach()
     return loss, metrics

@@ -20,6 +20,13 @@ the PPO ratio is 1 and the clip only acts through importance correction;
 clip fraction is still reported. Stale samples are corrected by TIS, whose
 weights use the rollout's log-probs.
 
+On-policy distillation (advantage = "opd"): the last stage turns the
+teacher's log-probs of the sampled tokens and the trainer's own detached
+log-probs into per-token advantages (algorithms.opd_advantages); payload
+"full" adds the exact reverse KL to the teacher's rows on this rank's
+vocabulary shard (no gather of the logits). Per-teacher k1/k3/|A|/token share
+are summed like the other metrics and named distill/<alias>/...
+
 Routing: with rl.system.routing_replay the trainer replays the rollout's
 experts (routing.py, mode "replay"), else it only compares ("compare"). Both
 count where the trainer's own router disagrees with the rollout.
@@ -38,7 +45,9 @@ from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.model.build import build_chunks, build_model, padded_vocab_size, transformer_config
 from megatron_ernie.model.extensions import extensions_for
 from megatron_ernie.precision.model import commit_step_scaling, set_scaling_mode
-from megatron_ernie.rl.algorithms import entropy_from_logits, masked_mean, rl_loss, rollout_kl_k3, token_logprobs
+from megatron_ernie.rl.algorithms import (TEACHER_SUM_COLUMNS, entropy_from_logits, masked_mean, opd_advantages,
+                                          rl_loss, rollout_kl_k3, teacher_metrics, teacher_reverse_kl, teacher_sums,
+                                          token_logprobs)
 from megatron_ernie.rl.batch import PolicyBatch
 from megatron_ernie.rl.routing import RoutingReplay
 from megatron_ernie.rl.weight_sync import shard_views
@@ -59,6 +68,7 @@ class PolicyTrainer:
             raise ConfigError("parallel.context", groups.dims.cp, "RL training supports context = 1 for now")
         self.cfg, self.groups, self.vocab_size = cfg, groups, vocab_size
         self.algorithm, self.temperature = cfg.rl.algorithm, cfg.rl.sampling.temperature
+        self.distill = cfg.rl.distill if self.algorithm.advantage == "opd" else None
         ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8 if fp8 is None else fp8)
         self.tconfig, self.model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, vocab_size, cfg.run.seed, ext)
         self.optimizer = build_optimizer(cfg.optimizer, cfg.parallel, self.model, groups.pgs,
@@ -141,16 +151,38 @@ class PolicyTrainer:
         output = model(mb["tokens"], mb["position_ids"], None)
         return output, partial(self._loss, mb, ref_logprobs)
 
-    def _loss(self, mb: dict, ref_logprobs, logits):
-        logits = self._vocab_logits(logits)
+    def _loss(self, mb: dict, ref_logprobs, output):
+        logits = self._vocab_logits(output)
         logprobs = token_logprobs(logits, mb["labels"])
         entropy = entropy_from_logits(logits.detach())
         mask = mb["loss_mask"]
-        loss, metrics = rl_loss(logprobs, logprobs.detach(), mb["rollout_logprobs"], mb["advantages"], mask,
-                                self.algorithm, ref_logprobs=ref_logprobs, entropy=entropy)
+        advantages, teacher_kl, extra = mb["advantages"], None, {}
+        if self.distill is not None:
+            advantages, teacher_kl, extra = self._distillation(mb, output, logprobs.detach())
+        loss, metrics = rl_loss(logprobs, logprobs.detach(), mb["rollout_logprobs"], advantages, mask,
+                                self.algorithm, ref_logprobs=ref_logprobs, entropy=entropy, teacher_kl=teacher_kl)
         weight = mask.sum() if self.algorithm.loss_agg == "token-mean" else (mask.sum(-1) > 0).sum().float()
         stats = torch.stack([metrics.get(k, torch.tensor(0.0)) * weight for k in METRICS] + [weight])
-        return loss * weight, weight.to(torch.int), {"rl": stats.detach()}
+        return loss * weight, weight.to(torch.int), {"rl": stats.detach(), **extra}
+
+    def _distillation(self, mb: dict, output, student_logprobs):
+        """OPD terms of one micro-batch: per-token advantages, exact reverse KL (payload "full"), per-teacher sums."""
+        full = self.distill.payload == "full"
+        teacher_kl = None
+        if full:
+            teacher_kl = teacher_reverse_kl(*self._vocab_shard(output, mb["teacher_full"]), self.groups.pgs.tp)
+        advantages = opd_advantages(student_logprobs, mb["teacher_logprobs"], mb["advantages"], self.distill.alpha,
+                                    distill_term=not full)
+        sums = teacher_sums(student_logprobs, mb["teacher_logprobs"], mb["loss_mask"], mb["teacher_index"],
+                            len(self.distill.aliases), teacher_kl)
+        return advantages, teacher_kl, {"opd": sums}
+
+    def _vocab_shard(self, output, teacher_full):
+        """This rank's real vocabulary columns: student logits (padding cut) and the teacher rows sliced to match."""
+        local = output.shape[-1]
+        start = self.groups.tp_rank * local if self.groups.dims.tp > 1 else 0
+        width = max(min(start + local, self.vocab_size) - start, 0)
+        return output[..., :width].float() / self.temperature, teacher_full[..., start: start + width]
 
     def microbatches(self, batch: PolicyBatch) -> list[dict]:
         dims, micro = self.groups.dims, self.cfg.train.micro_batch_size
@@ -166,6 +198,7 @@ class PolicyTrainer:
     def train_step(self, batch: PolicyBatch) -> dict:
         """Forward/backward over the micro-batches, one optimizer step; returns metrics (same on all ranks)."""
         micro = self.microbatches(batch)
+        self._check_teachers(batch)
         self._ref_logprobs = self._reference_pass(micro, batch.seq_length) if self.reference is not None else []
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -183,19 +216,40 @@ class PolicyTrainer:
             commit_step_scaling(self.model)
         self.version += 1
         metrics = self._reduce(outputs)
+        if self.distill is not None:
+            sums = self._sum_over_step(outputs, "opd", (len(self.distill.aliases), len(TEACHER_SUM_COLUMNS)))
+            metrics.update(teacher_metrics(sums, self.distill.aliases, self.distill.payload == "full"))
         metrics.update(grad_norm=grad_norm or 0.0, lr=self.optimizer.param_groups[0]["lr"], skipped=float(not ok))
         metrics.update(self._routing_metrics())
         return metrics
 
-    def _reduce(self, outputs) -> dict:
-        """Token-weighted means over micro-batches and DP ranks, shared along the pipeline."""
-        total = torch.zeros(len(METRICS) + 1)
+    def _check_teachers(self, batch: PolicyBatch) -> None:
+        """With OPD the batch must carry teacher log-probs (and rows over our vocabulary for payload "full")."""
+        if self.distill is None:
+            return
+        if batch.teacher_logprobs is None or batch.teacher_aliases != self.distill.aliases:
+            raise ValueError(f"advantage = \"opd\" needs a batch built with the teachers {list(self.distill.aliases)} "
+                             f"(build_batch(..., distill=cfg.rl.distill)); got {list(batch.teacher_aliases)}")
+        if self.distill.payload == "full" and (batch.teacher_full is None
+                                               or batch.teacher_full.shape[-1] != self.vocab_size):
+            width = None if batch.teacher_full is None else batch.teacher_full.shape[-1]
+            raise ValueError(f"payload \"full\" needs teacher rows over the student's {self.vocab_size}-token "
+                             f"vocabulary, got {width}: teacher and student must share one tokenizer")
+
+    def _sum_over_step(self, outputs, key: str, shape) -> torch.Tensor:
+        """Sum of a per-micro-batch tensor over micro-batches and DP ranks, shared along the pipeline."""
+        total = torch.zeros(shape)
         if outputs:
-            total = torch.stack([o["rl"] for o in outputs]).sum(0)
+            total = torch.stack([o[key] for o in outputs]).sum(0)
             dist.all_reduce(total, group=self.groups.pgs.dp_cp)
         if self.groups.dims.pp > 1:
             last = dist.get_global_rank(self.groups.pgs.pp, self.groups.dims.pp - 1)
             dist.broadcast(total, src=last, group=self.groups.pgs.pp)
+        return total
+
+    def _reduce(self, outputs) -> dict:
+        """Token-weighted means over micro-batches and DP ranks, shared along the pipeline."""
+        total = self._sum_over_step(outputs, "rl", (len(METRICS) + 1,))
         weight = max(float(total[-1]), 1.0)
         out = {k: float(v) / weight for k, v in zip(METRICS, total[:-1])}
         if self.algorithm.kl_coef == 0:

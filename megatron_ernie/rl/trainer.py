@@ -155,7 +155,8 @@ class TrainerRole:
                                f"version {self.trainer.version}: restart both from the same checkpoint")
         start = time.perf_counter()
         batch = build_batch(message.groups(), self.cfg.rl.algorithm, self.cfg.model.seq_length,
-                            multiple=math.lcm(8, self.groups.dims.tp))  # sequence parallel splits s by TP
+                            multiple=math.lcm(8, self.groups.dims.tp),  # sequence parallel splits s by TP
+                            distill=self.cfg.rl.distill)
         metrics = self.trainer.train_step(batch)
         step_s = time.perf_counter() - start
         if self.rank == 0:
