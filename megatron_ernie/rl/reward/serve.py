@@ -37,7 +37,22 @@ def serve(channel, worker: RewardWorker, rank: int = 0) -> int:
             channel.send(scored)
 
 
+def resolve_configured_tasks(tasks) -> None:
+    """Import and check every [[rl.tasks]] entry, as the controller does, before scoring anything.
+
+    A user task registers itself when its `module` is imported; a reward
+    process that skipped this would score every sample of that task as an
+    unknown task (reward 0) while the run looked healthy. A task that cannot
+    be resolved here is a ConfigError that ends this process at start-up.
+    """
+    from megatron_ernie.rl.tasks import resolve_task
+
+    for i, task in enumerate(tasks):
+        resolve_task(task, f"rl.tasks[{i}]")
+
+
 def run_reward(cfg, system, rank: int, address, authkey: bytes, concurrency: int = 2) -> int:
+    resolve_configured_tasks(cfg.rl.tasks)
     channel = connect(address, authkey, Hello("reward", rank, os.getpid(), socket.gethostname()))
     beats = Heartbeats(channel, "reward", rank, system.heartbeat_s)
     try:
