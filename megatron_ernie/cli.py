@@ -105,6 +105,8 @@ PASSTHROUGH = {
     "rl": "megatron_ernie.rl.main",
     "convert": "megatron_ernie.convert.cli",
     "inspect": "megatron_ernie.convert.summary",
+    "eval-tasks": "megatron_ernie.posttrain.evaluate",
+    "pipeline": "megatron_ernie.posttrain.pipeline",
 }
 # Subcommands served by a differently named function of a module.
 ENTRY = {"eval": ("megatron_ernie.elastic.search", "eval_main")}
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("convert", help="Hugging Face export/import, offline reshard (ernie convert --help)")
     sub.add_parser("inspect", help="a checkpoint's config, iteration, tokens, parameter counts (--json)")
     sub.add_parser("rl", help="disaggregated asynchronous RL: controller, trainer, rollout, reward (ernie rl --help)")
+    sub.add_parser("eval-tasks", help="mean reward per task of a checkpoint on held-out prompts (--help)")
+    sub.add_parser("pipeline", help="post-training: SFT -> domain experts -> OPD -> general RL (--help)")
     return parser
 
 

@@ -45,6 +45,8 @@ def _write_pipeline(tmp_path, experts=None, extra=""):
         [pipeline.general]
         config = "stage.toml"
         steps = 2
+        [pipeline.score]
+        prompts = 0
         """) + blocks)
     return tmp_path / "p.toml"
 
@@ -181,3 +183,25 @@ def test_submit_dry_run_renders_one_job_per_stage_in_chain_order(tmp_path, capsy
     assert " sft --config " in sft_script and "hetjob" not in sft_script
     assert out.count("#SBATCH hetjob") >= 4  # every RL stage is a heterogeneous job
     assert str((tmp_path / "out" / "opd" / "stage.toml").resolve()) in out
+
+
+def test_every_stage_is_scored_and_the_scoreboard_has_a_row_per_stage(tmp_path, fake_stages):
+    def scorer(stage):  # stands in for `ernie eval-tasks` on the stage's (fake) checkpoint
+        value = len(stage.name) / 100
+        return {"arithmetic": {"greedy": [value, 0.01], "sampled": [value / 2, 0.02]},
+                "code": {"greedy": [0.5, 0.05], "sampled": [0.25, 0.04]}}
+
+    assert P.main(["--config", str(_write_pipeline(tmp_path))], scorer=scorer) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]
+    assert manifest["opd"]["scores"]["arithmetic"]["greedy"] == [0.03, 0.01]
+    table = (tmp_path / "out" / "scoreboard" / "greedy" / "scoreboard.txt").read_text().splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["sft", "experts/arith", "experts/coder", "opd", "general"]
+    assert "0.130 ± 0.010" in table[2]  # experts/arith: 13 characters
+    png = (tmp_path / "out" / "scoreboard" / "sampled" / "scoreboard.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scoring_settings_are_validated(tmp_path, capsys):
+    path = str(_write_pipeline(tmp_path))
+    assert P.main(["--config", path, "--set", "pipeline.score.prompts=1", "--dry-run"]) == 2
+    assert "pipeline.score.prompts" in capsys.readouterr().err

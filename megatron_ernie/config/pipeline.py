@@ -16,6 +16,7 @@ teachers) before anything starts.
     [[pipeline.experts]] name = "arith", tasks = ["arithmetic"], steps = 60
     [pipeline.opd]      config = "rl.toml", steps = 60
     [pipeline.general]  config = "rl.toml", steps = 60, tasks = [...]
+    [pipeline.score]    prompts = 32, samples = 2  (held-out evaluation of every stage's output)
 
 Paths in the file are relative to the file itself.
 """
@@ -75,6 +76,21 @@ class ExpertConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    """How every stage's output is scored (`ernie eval-tasks` on held-out prompts); prompts = 0 skips it.
+    tasks: the columns of the domain x stage scoreboard (empty: every expert's tasks plus general's)."""
+
+    prompts: int = 32
+    samples: int = 2
+    tasks: tuple[str, ...] = ()
+
+    def validate(self, path: str) -> None:
+        require(self.prompts == 0 or (isinstance(self.prompts, int) and self.prompts >= 2), f"{path}.prompts",
+                self.prompts, "use 0 (no scoring) or >= 2 prompts (a standard error needs two)")
+        _int_at_least(f"{path}.samples", self.samples, 1)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """dir: where the stages write; base: SFT's starting checkpoint ("" = from scratch);
     parallel_experts: experts trained at once by a local run (a Slurm run submits them all)."""
@@ -87,6 +103,7 @@ class PipelineConfig:
     experts: tuple[ExpertConfig, ...] = ()
     opd: StageConfig = field(default_factory=StageConfig)
     general: StageConfig = field(default_factory=StageConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def validate(self, path: str = "pipeline") -> None:
         require(bool(self.dir), f"{path}.dir", self.dir, "name the pipeline's output directory")
@@ -95,6 +112,7 @@ class PipelineConfig:
         self.expert.validate(f"{path}.expert")
         self.opd.validate(f"{path}.opd")
         self.general.validate(f"{path}.general")
+        self.score.validate(f"{path}.score")
         require(bool(self.experts), f"{path}.experts", self.experts,
                 "list at least one [[pipeline.experts]] entry (name, tasks, steps)")
         for i, expert in enumerate(self.experts):

@@ -16,6 +16,7 @@ done and a killed pipeline continue where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -147,6 +148,51 @@ def run_local(stages: list[Stage], manifest: Manifest, force: list[str], paralle
         ran.update(s.name for s in todo)
 
 
+# ------------------------------------------------------------------- scores
+def stage_scorer(score, domains: tuple[str, ...]):
+    """A function stage -> {task: {greedy, sampled}} that runs `ernie eval-tasks` on the stage's output
+    (its own process: a clean torch world per evaluation), or None when scoring is off."""
+    if score.prompts == 0:
+        return None
+    tasks = ",".join(score.tasks or domains)
+
+    def evaluate(stage: Stage) -> dict:
+        out = stage.run_dir / "eval.json"
+        command = [sys.executable, "-m", "megatron_ernie.posttrain.evaluate", "--checkpoint", str(stage.output),
+                   "--tasks", tasks, "--prompts", str(score.prompts), "--samples", str(score.samples),
+                   "--json", str(out)]
+        with open(stage.run_dir / "eval.log", "wb") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise StageFailed(f"scoring {stage.name} failed (exit {code}); see {stage.run_dir / 'eval.log'}")
+        result = json.loads(out.read_text())
+        return {task: {m: [r[m]["mean"], r[m]["stderr"]] for m in ("greedy", "sampled")}
+                for task, r in result["tasks"].items()}
+
+    return evaluate
+
+
+def board_from(manifest: Manifest, stages: list[Stage], mode: str) -> dict:
+    """{stage: {task: (mean, stderr)}} of the scored stages, in pipeline order."""
+    rows = {}
+    for stage in stages:
+        scores = manifest.stages.get(stage.name, {}).get("scores")
+        if scores:
+            rows[stage.name] = {task: tuple(by_mode[mode]) for task, by_mode in scores.items()}
+    return rows
+
+
+def write_summary(manifest: Manifest, stages: list[Stage], out_dir: Path) -> None:
+    """The domain x stage matrix (greedy and sampled at T=1): text, PNG and TensorBoard."""
+    from megatron_ernie.posttrain.scoreboard import write_scoreboard
+
+    for mode in ("greedy", "sampled"):
+        board = board_from(manifest, stages, mode)
+        if board:
+            print(f"[pipeline] held-out mean reward ({mode}):", flush=True)
+            write_scoreboard(board, out_dir / mode)
+
+
 # ---------------------------------------------------------------- Slurm chain
 def submit_chain(stages: list[Stage], dry_run: bool) -> dict[str, str]:
     """One sbatch per stage, each `afterok` on the stages it starts from; experts are separate jobs
@@ -171,6 +217,11 @@ def submit_chain(stages: list[Stage], dry_run: bool) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------- main
+def domains(stages: list[Stage]) -> tuple[str, ...]:
+    """Every task any stage trains on, in order of first appearance (SFT's tasks cover them all)."""
+    return tuple(dict.fromkeys(t for s in stages for t in s.tasks))
+
+
 def describe(stages: list[Stage]) -> str:
     lines = [f"{'stage':<22} {'kind':<4} {'starts from':<40} output"]
     for s in stages:
@@ -193,7 +244,9 @@ def main(argv=None, scorer=None) -> int:
         if args.submit:
             submit_chain(chosen, args.dry_run)
             return 0
+        scorer = scorer or stage_scorer(pipeline.score, domains(stages))
         run_local(chosen, manifest, args.force, pipeline.parallel_experts, scorer)
+        write_summary(manifest, stages, manifest.path.parent / "scoreboard")
     except ConfigError as err:
         print(f"ernie pipeline: config error: {err}", file=sys.stderr)
         return 2
