@@ -80,6 +80,35 @@ def checkpoint_tokenizer(ckpt: Path, field: str = "checkpoint"):
     return load_tokenizer(str(file), f"{field} ({TOKENIZER_FILE})")
 
 
+def check_saved_shapes(ckpt: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every weight the engine loads is saved in `ckpt` with the engine's global shape.
+
+    Needed because a torch_dist load reads whatever region of a saved tensor
+    overlaps the requested one: an embedding built for a larger vocabulary than
+    the saved one would load without error, half of it left at its random init.
+    Also finds missing or truncated shard files before megatron-core does.
+    """
+    from megatron_ernie.convert.dcp_io import DcpReader
+    from megatron_ernie.convert.errors import ConvertError
+
+    try:
+        saved = DcpReader(ckpt).tensors()
+    except ConvertError as err:
+        raise CheckpointError(f"{ckpt} is damaged: {err}") from None
+    missing = sorted(k for k in expected if k not in saved)
+    wrong = {k: (saved[k].shape, tuple(v)) for k, v in expected.items() if k in saved and saved[k].shape != tuple(v)}
+    if missing:
+        raise CheckpointError(f"{ckpt} lacks {len(missing)} weights of its own config's model (e.g. {missing[0]!r}); "
+                              f"its {CONFIG_FILE} does not describe the saved model: restore the run's config")
+    if wrong:
+        key, (have, want) = next(iter(wrong.items()))
+        vocab = " (the vocabulary: its tokenizer.json is not the one the model was trained with)" \
+            if "embedding" in key or "output_layer" in key else ""
+        raise CheckpointError(f"{ckpt}: {len(wrong)} saved weights have other shapes than its {CONFIG_FILE} and "
+                              f"{TOKENIZER_FILE} give{vocab}, e.g. {key!r} saved {have}, expected {want}; "
+                              f"restore the checkpoint's own {CONFIG_FILE} and {TOKENIZER_FILE}")
+
+
 def _solo_groups(seed: int):
     """megatron-core groups for this process alone (a world of one, created if none exists)."""
     from megatron_ernie.rl.rollout.worker import init_solo_world
@@ -104,6 +133,7 @@ def engine_from_checkpoint(path, dtype: str = "fp32", seed: int = 0, groups=None
     tokenizer = checkpoint_tokenizer(ckpt, field)
     groups = groups if groups is not None else _solo_groups(seed)
     engine = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype=dtype, seed=seed)
+    check_saved_shapes(ckpt, engine.weight_shapes())
     meta = store.load(ckpt, [engine.model], None, restore_rng=False)
     engine.model.eval()
     engine.policy_version = meta.iteration
