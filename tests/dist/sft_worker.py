@@ -76,10 +76,10 @@ def greedy_answers(run, prompts: list[str], max_new: int) -> list[tuple[str, boo
     return out
 
 
-def stop(case: dict, tmp: Path) -> dict:
+def stop(case: dict, tmp: Path, seed: int) -> dict:
     from megatron_ernie.rl.tasks import get_task
 
-    run = trained(tmp / "stop", case["common"])
+    run = trained(tmp / f"stop_{seed}", case["common"] + [f"run.seed={seed}", f"sft.seed={seed}"])
     path = loop.save_checkpoint(run)
     task = get_task("arithmetic")
     options = case["options"]
@@ -118,8 +118,8 @@ def resume(case: dict, tmp: Path) -> dict:
 
 def scenario_sft(case: dict, tmp: Path) -> dict:
     out = {"layouts": layouts(case["layouts"], tmp)}
-    out["stop"] = stop(case["stop"], tmp)
-    out["base"] = base(case["stop"], tmp, out["stop"]["checkpoint"])
+    out["stop"] = [stop(case["stop"], tmp, seed) for seed in case["stop"]["seeds"]]
+    out["base"] = base(case["stop"], tmp, out["stop"][0]["checkpoint"])
     out["resume"] = resume(case["stop"], tmp)
     return out
 
