@@ -212,7 +212,7 @@ def test_build_batch_aligns_teacher_rows_like_rollout_logprobs():
     # response token j of a P-token prompt sits at P + j - 1 (here P = 3: positions 2, 3)
     assert batch.teacher_logprobs[0, 2:4].tolist() == samples[0].teacher_logprobs.tolist()
     assert batch.teacher_logprobs[0, :2].abs().sum() == 0 and batch.teacher_logprobs[0, 4:].abs().sum() == 0
-    assert torch.equal(batch.teacher_full[0, 2:4], torch.from_numpy(samples[0].teacher_full))
+    assert torch.equal(batch.teacher_full[0, 2:4], torch.tensor(samples[0].teacher_full))
     # no sampled log-probs sent: read from the full row at the sampled token (id 10)
     assert batch.teacher_logprobs[1, 2] == float(samples[1].teacher_full[0, 10])
     assert torch.equal(batch.loss_mask[:, 2:4].bool(), batch.teacher_logprobs[:, 2:4] != 0)
@@ -242,3 +242,85 @@ def test_build_batch_rejects_missing_or_foreign_teachers():
                     distill=full)
     with pytest.raises(ValueError, match="needs the \\[rl.distill\\] config"):
         build_batch([[scored(0, [1, 2], [3]), scored(1, [1, 2], [3])]], OPD, 16)
+
+
+# ------------------------------------------------------------------ megatron-core layouts (one 2-process launch)
+
+LAYOUTS = {"dp2": [], "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+           "pp2": ["parallel.pipeline=2"], "pp2_vpp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]}
+COMPARED = ("pg_loss", "grad_norm", "entropy", "distill/k1", "distill/k3", "distill/abs_adv",
+            "distill/math/k1", "distill/math/k3", "distill/math/abs_adv", "distill/coder/k1", "distill/coder/k3")
+
+
+@pytest.fixture(scope="module")
+def opd_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("opd") / "result.json"
+    case = {"steps": 3, "layouts": LAYOUTS, "self_layouts": ["tp2", "pp2"]}
+    torchrun(2, [ROOT / "tests" / "dist" / "rl_worker.py", "opd", out, json.dumps(case)], timeout=900)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vocab", ["40", "100"])
+def test_vocab_parallel_reverse_kl_equals_one_device(opd_runs, vocab):
+    """Two TP shards of a padded 128-column vocabulary (at 40 real tokens the second shard is all padding)."""
+    ranks = opd_runs["sharded_kl"][vocab]
+    assert [r["width"] for r in ranks] == ([40, 0] if vocab == "40" else [64, 36])
+    for r in ranks:
+        assert r["kl_mean"] > 1.0
+        assert r["value_err"] < 1e-5 and r["grad_err"] < 1e-5
+    assert all(r["grad_norm"] > 0.1 for r in ranks if r["width"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("payload", ["sampled", "full"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_vpp2"])
+def test_opd_loss_is_layout_invariant(opd_runs, payload, layout):
+    """Three optimizer steps on a fixed batch with a fixed random teacher: DP2 vs TP2+SP vs PP2 (and VPP)."""
+    ref, got = opd_runs[f"{payload}/dp2"]["metrics"], opd_runs[f"{payload}/{layout}"]["metrics"]
+    assert len(ref) == len(got) == 3
+    keys = COMPARED + (("distill/full_kl", "distill/math/full_kl") if payload == "full" else ())
+    for step, (a, b) in enumerate(zip(ref, got)):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), (step, key, a[key], b[key])
+    assert ref[0]["pg_loss"] != 0.0  # the PG term is live (payload full: through alpha * A_reward)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("payload", ["sampled", "full"])
+def test_distillation_moves_the_student_towards_the_teacher(opd_runs, payload):
+    """sampled: the K1 estimate over the batch falls; full (with alpha = 0.5 of an unrelated reward): the exact KL falls."""
+    steps = opd_runs[f"{payload}/dp2"]["metrics"]
+    kl = [m["distill/k1" if payload == "sampled" else "distill/full_kl"] for m in steps]
+    assert kl[0] > 1.0 and kl[0] > kl[1] > kl[2]
+    for m in steps:
+        shares = [m[f"distill/{alias}/token_share"] for alias in ("coder", "math")]
+        assert sum(shares) == pytest.approx(1.0) and min(shares) > 0.3
+        assert m["distill/k3"] > 0 and m["distill/abs_adv"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("payload", ["sampled", "full"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "pp2_vpp2"])
+def test_a_different_teacher_gives_gradients_on_every_rank_and_chunk(opd_runs, payload, layout):
+    run = opd_runs[f"{payload}/{layout}"]
+    for step, norms in enumerate(zip(*run["grad_norms"])):  # per step: [rank 0 chunks, rank 1 chunks]
+        chunks = [n for rank in norms for n in rank]
+        assert len(chunks) == (4 if layout == "pp2_vpp2" else 2)
+        assert min(chunks) > 1e-2 * run["metrics"][step]["grad_norm"], (step, chunks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("payload", ["sampled", "full"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_self_distillation_has_zero_kl_and_no_gradient(opd_runs, payload, layout):
+    """Teacher = the student itself (its log-prob rows at TP1): k1, k3, |A| and the full KL vanish, so does the update."""
+    m = opd_runs[f"self/{payload}/{layout}"]["metrics"][0]
+    assert abs(m["distill/k1"]) <= 0.01 and abs(m["distill/k1"]) < 1e-5
+    assert m["distill/k3"] < 1e-6 and m["distill/abs_adv"] < 1e-5
+    if payload == "full":
+        assert m["distill/full_kl"] < 1e-5
+    different = opd_runs[f"{payload}/{layout}"]
+    assert m["grad_norm"] < 1e-4 * different["metrics"][0]["grad_norm"]
+    self_norms = [n for rank in opd_runs[f"self/{payload}/{layout}"]["grad_norms"] for n in rank[0]]
+    assert max(self_norms) < 1e-4 * min(n for rank in different["grad_norms"] for n in rank[0])

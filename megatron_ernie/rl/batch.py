@@ -115,7 +115,7 @@ def _fill_teachers(batch: PolicyBatch, samples, distill) -> None:
         batch.teacher_index[i] = aliases.index(scored.teacher)
         batch.teacher_logprobs[i, p - 1: p + r - 1] = torch.from_numpy(_sampled_teacher_logprobs(scored))
         if full:
-            batch.teacher_full[i, p - 1: p + r - 1] = torch.from_numpy(np.asarray(scored.teacher_full))
+            batch.teacher_full[i, p - 1: p + r - 1] = torch.tensor(scored.teacher_full)  # a copy: messages are read-only
 
 
 def _check_teacher(scored: ScoredSample, aliases, full: bool) -> None:
@@ -142,7 +142,7 @@ def _teacher_vocab(samples) -> int:
 def _sampled_teacher_logprobs(scored: ScoredSample) -> np.ndarray:
     """log pi_T of each sampled response token: sent by the teacher, or read from its full rows."""
     if scored.teacher_logprobs is not None:
-        return np.asarray(scored.teacher_logprobs, dtype=np.float32)
+        return np.array(scored.teacher_logprobs, dtype=np.float32)  # a writable copy
     rows = np.asarray(scored.teacher_full)
     return rows[np.arange(len(rows)), scored.sample.response_tokens].astype(np.float32)
 

@@ -302,8 +302,145 @@ def scenario_rollout_replica(case: dict, tmp: Path) -> dict:
     return {"reference": reference, "leader": members[0], "follower": members[1], "whole_numel": whole_numel}
 
 
+# ------------------------------------------------------------------ on-policy distillation
+
+OPD = ['rl.algorithm.advantage="opd"', 'rl.distill.teachers={coder="/c", math="/m"}',
+       'rl.tasks=[{name="arithmetic"}, {name="code"}]', 'rl.distill.routes={arithmetic="math", code="coder"}',
+       "moe.num_experts=0", "model.num_layers=4", "train.micro_batch_size=4", "schedule.warmup_iters=0",
+       "optimizer.lr=1e-3"]
+OPD_VOCAB = 100  # padded to 128: at TP2 the second shard holds 36 real columns and 28 padding columns
+
+
+def random_teacher_rows(prompt, response, vocab: int):
+    """A fixed random teacher: log-softmax rows drawn from the sample's tokens as seed (same on every rank)."""
+    import numpy as np
+
+    rng = np.random.default_rng([int(t) for t in prompt] + [int(t) for t in response])
+    logits = 2.0 * rng.normal(size=(len(response), vocab))
+    return (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def opd_batch(cfg, vocab: int, teacher_rows, prompts: int = 4):
+    """Synthetic groups of two tasks routed to two teachers, scored by teacher_rows(prompt, response)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    n, groups = cfg.rl.sampling.n_per_prompt, []
+    for g in range(prompts):
+        task, alias = ("arithmetic", "math") if g % 2 == 0 else ("code", "coder")
+        prompt = rng.integers(3, vocab, size=int(rng.integers(4, 9))).astype(np.int32)
+        group = []
+        for j in range(n):
+            response = rng.integers(3, vocab, size=int(rng.integers(2, 7))).astype(np.int32)
+            logprobs = -rng.uniform(1.0, 4.0, size=len(response)).astype(np.float32)
+            sample = Sample(f"p{g}", j, task, prompt, response, logprobs, 0, None, finish_reason="length")
+            rows = teacher_rows(prompt, response)
+            sampled = rows[np.arange(len(response)), response]
+            group.append(ScoredSample(sample, float(j % 2), "ok", teacher=alias, teacher_logprobs=sampled,
+                                      teacher_full=rows))
+        groups.append(group)
+    return build_batch(groups, cfg.rl.algorithm, cfg.model.seq_length, distill=cfg.rl.distill)
+
+
+def student_rows(trainer, vocab: int):
+    """teacher_rows that return the (TP1, PP1) trainer's own log-softmax rows: self-distillation."""
+    import numpy as np
+
+    cache = {}
+
+    def rows(prompt, response):
+        key = (tuple(prompt.tolist()), tuple(response.tolist()))
+        if key not in cache:
+            tokens = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))[None]
+            with torch.no_grad():
+                logits = trainer.model[0](tokens, torch.arange(tokens.shape[1])[None], None)
+            logp = torch.log_softmax(logits[0, :, :vocab].float(), -1)
+            cache[key] = logp[len(prompt) - 1: len(prompt) + len(response) - 1].numpy().astype(np.float32)
+        return cache[key]
+
+    return rows
+
+
+def chunk_grad_norms(trainer) -> list:
+    """L2 norm of the accumulated gradient of each model chunk on this rank (after a step)."""
+    norms = []
+    for chunk in trainer.model:
+        grads = [p.main_grad for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
+        norms.append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))) if grads else 0.0)
+    return norms
+
+
+def opd_run(layout: list, payload: str, teacher_rows, steps: int, alpha: float = 0.0) -> dict:
+    cfg, groups = setup(OPD + [f'rl.distill.payload="{payload}"', f"rl.distill.alpha={alpha}", *layout])
+    cfg.rl.validate("rl")
+    trainer = PolicyTrainer(cfg, groups, OPD_VOCAB, routing_replay=False)
+    batch = opd_batch(cfg, OPD_VOCAB, teacher_rows)
+    metrics, grads = [], []
+    for _ in range(steps):
+        metrics.append(trainer.train_step(batch))
+        grads.append(chunk_grad_norms(trainer))
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, grads)
+    return {"metrics": metrics, "grad_norms": per_rank}
+
+
+def sharded_reverse_kl(vocab: int) -> dict:
+    """The vocabulary-parallel reverse KL on two TP shards (padding cut) against one device's full computation."""
+    from megatron_ernie.model.vocab_parallel import vocab_parallel_reverse_kl
+    from megatron_ernie.runtime import groups as G
+    from megatron_ernie.runtime.dims import ParallelDims
+
+    groups = G.build_groups(ParallelDims(world=2, tp=2))
+    g = torch.Generator().manual_seed(vocab)
+    padded = 128
+    logits = (3 * torch.randn(3, 5, padded, generator=g))
+    teacher = torch.log_softmax(2 * torch.randn(3, 5, vocab, generator=g), -1)
+    full = logits[..., :vocab].clone().requires_grad_()
+    expected = vocab_parallel_reverse_kl(full, teacher, None)
+    expected.sum().backward()
+    local = padded // 2
+    start = groups.tp_rank * local
+    width = max(min(start + local, vocab) - start, 0)
+    shard = logits[..., start: start + local].clone().requires_grad_()
+    got = vocab_parallel_reverse_kl(shard[..., :width], teacher[..., start: start + width], groups.pgs.tp)
+    got.sum().backward()
+    want_grad = torch.zeros(3, 5, local)
+    want_grad[..., :width] = full.grad[..., start: start + width]
+    return {"value_err": float((got - expected).abs().max()), "kl_mean": float(expected.mean()),
+            "grad_err": float((shard.grad - want_grad).abs().max()), "grad_norm": float(shard.grad.norm()),
+            "width": width}
+
+
+def scenario_opd(case: dict, tmp: Path) -> dict:
+    """One 2-process launch: sharded KL, layout invariance (both payloads), gradients per rank, self-distillation."""
+    results = {"sharded_kl": {}}
+    for vocab in (40, 100):
+        mine = sharded_reverse_kl(vocab)
+        both = [None, None]
+        dist.all_gather_object(both, mine)
+        results["sharded_kl"][str(vocab)] = both
+    random_teacher = partial_rows(random_teacher_rows, OPD_VOCAB)
+    steps = case.get("steps", 3)
+    for payload, alpha in (("sampled", 0.0), ("full", 0.5)):  # full: the exact KL + alpha * GRPO advantage
+        for name, layout in case["layouts"].items():
+            results[f"{payload}/{name}"] = opd_run(layout, payload, random_teacher, steps, alpha)
+    cfg, groups = setup(OPD + case["layouts"]["dp2"])
+    reference = PolicyTrainer(cfg, groups, OPD_VOCAB, routing_replay=False)  # the same initial weights at any layout
+    itself = student_rows(reference, OPD_VOCAB)
+    opd_batch(cfg, OPD_VOCAB, itself)  # score every sample now, before other layouts rebuild the groups
+    for payload in ("sampled", "full"):
+        for name in case["self_layouts"]:
+            results[f"self/{payload}/{name}"] = opd_run(case["layouts"][name], payload, itself, 1)
+    return results
+
+
+def partial_rows(fn, vocab: int):
+    return lambda prompt, response: fn(prompt, response, vocab)
+
+
 SCENARIOS = {"rollout": scenario_rollout, "fp8_scales": scenario_fp8_scales,
-             "reference_layouts": scenario_reference_layouts, "rollout_replica": scenario_rollout_replica}
+             "reference_layouts": scenario_reference_layouts, "rollout_replica": scenario_rollout_replica,
+             "opd": scenario_opd}
 
 
 if __name__ == "__main__":
