@@ -211,3 +211,68 @@ def test_tool_call_parsing_and_calculator():
     assert calculator("1 / 0").startswith("error:")
     assert calculator("__import__('os')").startswith("error: unsupported expression")
     assert run_tool(ToolCall("search", "x")) == "<result>error: unknown tool 'search'; available: ['calc']</result>"
+
+
+# ------------------------------------------------------------------ open-ended task and its rubric
+
+FRUIT = "three fruit:apple,pear,fig,plum,kiwi,grape,peach,lemon,mango,melon,cherry,lime"
+
+
+@pytest.mark.parametrize("response, score, status", [
+    ("fig,plum,pear", 1.0, "ok"),
+    (" fig, plum ,pear ", 1.0, "ok"),          # spaces around items do not matter
+    ("fig,plum,pear\ncat,dog", 1.0, "ok"),     # only the first line is the answer
+    ("fig,plum,cat", 2 / 3, "ok"),             # an off-category word earns nothing
+    ("fig,plum", 2 / 3, "ok"),                 # too few
+    ("fig,fig,fig", 1 / 3, "ok"),              # repeats count once
+    ("fig,plum,pear,kiwi", 3 / 4, "ok"),       # listing more than asked dilutes
+    ("apple,pear,fig,plum,kiwi,grape,peach,lemon,mango,melon,cherry,lime", 3 / 12, "ok"),
+    ("Fig,PLUM,pear", 1 / 3, "ok"),            # words are lowercase
+    ("figplumpear", 0.0, "wrong"),
+    ("cat,dog,owl", 0.0, "wrong"),
+    ("", 0.0, "no_answer"),
+    (" , ,", 0.0, "no_answer"),
+])
+def test_open_ended_rubric_on_hand_written_responses(response, score, status):
+    verdict = get_task("open_ended").score(response, FRUIT, SANDBOX)
+    assert verdict.reward == pytest.approx(score) and verdict.status == status
+
+
+def test_open_ended_rubric_count_and_range():
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES, rubric_score
+
+    fruit = frozenset(CATEGORIES["fruit"])
+    assert rubric_score("fig", 1, fruit) == 1.0 and rubric_score("fig,plum", 1, fruit) == 0.5
+    assert rubric_score("fig,plum,pear,kiwi,lime", 5, fruit) == 1.0
+    rng = np.random.default_rng(0)
+    alphabet = list("abcdefgiklmnoprstuwy, \n")
+    for _ in range(500):  # any text scores in [0, 1]
+        text = "".join(rng.choice(alphabet, size=int(rng.integers(0, 30))))
+        assert 0.0 <= rubric_score(text, 3, fruit) <= 1.0
+
+
+def test_open_ended_examples_demos_and_alphabet():
+    from megatron_ernie.rl.task_tokenizer import task_texts
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES, parse_reference
+
+    words = [w for ws in CATEGORIES.values() for w in ws]
+    assert len(words) == len(set(words))  # no word belongs to two categories
+    t = get_task("open_ended")
+    assert t.examples(5, 0, 50, {}) == t.examples(5, 0, 50, {})
+    examples = t.examples(0, 0, 200, {"count": 2, "categories": ["fruit", "tool"]})
+    assert {e.prompt for e in examples} == {"two fruit:", "two tool:"}
+    count, accepted = parse_reference(examples[0].reference)
+    assert count == 2 and accepted == frozenset(CATEGORIES[examples[0].prompt[4:-1]])
+    alphabet = set("".join(task_texts([TaskConfig(name="open_ended")], 200)))
+    assert len(alphabet) <= 30 and set("".join(words)) <= alphabet  # every answer is writable
+    for i in range(100):
+        ex = t.make_example(1, i, {})
+        right, wrong = t.demo(1, i, {}, False), t.demo(1, i, {}, True)
+        assert t.score(right.text, ex.reference, SANDBOX).reward == 1.0
+        assert t.score(wrong.text, ex.reference, SANDBOX).reward == 0.0
+    with pytest.raises(ConfigError, match="count"):
+        t.make_example(0, 0, {"count": 9})
+    with pytest.raises(ConfigError, match="categories"):
+        t.make_example(0, 0, {"categories": ["planets"]})
+    with pytest.raises(ConfigError, match="open_ended accepts only"):
+        t.make_example(0, 0, {"colour": 1})

@@ -185,7 +185,8 @@ def _summary(scored, prompts: int, copies: int, examples) -> dict:
     shown = [{"prompt": examples[k // copies].prompt, "response": s.sample.response_text, "reward": s.reward}
              for k, s in enumerate(scored[:3 * copies:copies])]
     lengths = [len(s.sample.response_tokens) for s in scored]
-    return {**mean_and_stderr(rewards.mean(axis=1)).as_dict(), "samples_per_prompt": copies,
+    per_prompt = rewards.mean(axis=1)
+    return {**mean_and_stderr(per_prompt).as_dict(), "per_prompt": per_prompt.tolist(), "samples_per_prompt": copies,
             "statuses": statuses, "mean_response_tokens": float(np.mean(lengths)), "examples": shown}
 
 
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
                             _names(args.agent_tasks), args.agent_turns, args.reward_workers)
     try:
         result = evaluate_checkpoint(args.checkpoint, _names(args.tasks), settings)
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:
         print(f"ernie eval-tasks: error: {err}", file=sys.stderr)
         return 2
     print(format_table(result))
