@@ -197,7 +197,7 @@ def reverse_kl_from_logits(student_logits: torch.Tensor, teacher_logits: torch.T
     position, and the student minimises the reverse KL, which is mode-seeking
     (MiniLLM, Gu et al., arXiv:2306.08543; GKD, Agarwal et al., arXiv:2306.13649).
     The teacher is a constant (detached). Both tensors are full-vocabulary [..., V];
-    vocab-parallel logits must be gathered first.
+    for vocabulary-sharded logits and a teacher given as log-probs use teacher_reverse_kl.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -274,7 +274,8 @@ def teacher_sums(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
     columns = [mask, -log_ratio, k3(log_ratio), log_ratio.abs(),
                full_kl.detach().float() if full_kl is not None else torch.zeros_like(mask)]
     per_sequence = torch.stack([(c * mask).sum(-1) for c in columns], dim=-1)  # [B, C]
-    one_hot = (teacher_index.long().unsqueeze(-1) == torch.arange(num_teachers)).to(per_sequence.dtype)
+    aliases = torch.arange(num_teachers, device=teacher_index.device)
+    one_hot = (teacher_index.long().unsqueeze(-1) == aliases).to(per_sequence.dtype)
     return one_hot.transpose(0, 1) @ per_sequence
 
 
