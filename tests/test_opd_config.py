@@ -47,6 +47,8 @@ BAD = [
     (['rl.distill.teachers={math=""}', 'rl.distill.routes={arithmetic="math", code="math"}'],
      "rl.distill.teachers.math", "checkpoint directory"),
     (['rl.distill.teachers="math"'], "rl.distill.teachers", "expected a dict"),
+    (['rl.distill.teachers={"math/v2"="/c"}', 'rl.distill.routes={arithmetic="math/v2", code="math/v2"}'],
+     "rl.distill.teachers", "letters, digits"),
 ]
 
 

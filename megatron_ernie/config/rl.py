@@ -12,6 +12,7 @@ field, the bad value and the fix. Validators never change values.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from megatron_ernie.rl.system import SystemConfig
@@ -20,6 +21,7 @@ from megatron_ernie.config.errors import ConfigError
 
 ADVANTAGE_ESTIMATORS = ("grpo", "opd")
 DISTILL_PAYLOADS = ("sampled", "full")
+_ALIAS = re.compile(r"[A-Za-z0-9_-]+")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 STALE_POLICIES = ("drop", "reissue")
 ISOLATION_MODES = ("auto", "namespaces", "rlimits")
@@ -229,7 +231,10 @@ class DistillConfig:
                               "routes need rl.distill.teachers (and rl.algorithm.advantage = \"opd\"); "
                               "declare the teachers or remove the routes")
         for alias, checkpoint in self.teachers.items():
-            if not alias or not isinstance(checkpoint, str) or not checkpoint:
+            if not _ALIAS.fullmatch(alias):
+                raise ConfigError(f"{path}.teachers", alias, "name teachers with letters, digits, '_' or '-' "
+                                  "(the alias appears in metric names and process names)")
+            if not isinstance(checkpoint, str) or not checkpoint:
                 raise ConfigError(f"{path}.teachers.{alias}", checkpoint,
                                   "give each teacher alias a checkpoint directory, e.g. {math = \"runs/math/checkpoints\"}")
         for task, alias in self.routes.items():
