@@ -22,10 +22,13 @@ weights use the rollout's log-probs.
 
 On-policy distillation (advantage = "opd"): the last stage turns the
 teacher's log-probs of the sampled tokens and the trainer's own detached
-log-probs into per-token advantages (algorithms.opd_advantages); payload
-"full" adds the exact reverse KL to the teacher's rows on this rank's
-vocabulary shard (no gather of the logits). Per-teacher k1/k3/|A|/token share
-are summed like the other metrics and named distill/<alias>/...
+log-probs into per-token advantages (algorithms.opd_advantages) for the
+clipped loss with TIS. Payload "full" instead adds the exact reverse KL to the
+teacher's rows, computed on this rank's vocabulary shard (no gather of the
+logits); its advantage keeps only alpha * the GRPO term, since the sampled
+estimate and the exact KL have the same expected gradient and together would
+count the distillation signal twice. Per-teacher k1/k3/|A|/token share are
+summed like the other metrics and named distill/<alias>/...
 
 Routing: with rl.system.routing_replay the trainer replays the rollout's
 experts (routing.py, mode "replay"), else it only compares ("compare"). Both
