@@ -120,6 +120,15 @@ def test_held_out_prompts_are_fixed_and_past_the_training_stream():
     assert [e.prompt for e in first] != [e.prompt for e in training]
 
 
+def test_a_checkpoint_fine_tuned_on_the_held_out_indices_is_refused():
+    tok = _tokenizer("arithmetic")
+    cfg = C.load(overrides=[f"sft.first_index={E.HELD_OUT_START - 100}", "sft.num_examples=200"])
+    with RewardWorker(SandboxConfig(), 1) as scorer:
+        with pytest.raises(ConfigError, match="sft.first_index.*overlap the held-out"):
+            E.evaluate_task(ScriptedEngine(tok, _arithmetic_answer), tok, cfg, "arithmetic",
+                            E.EvalSettings(prompts=3), scorer)
+
+
 def test_task_options_come_from_the_checkpoint_config():
     cfg = C.load(overrides=['rl.tasks=[{name="arithmetic", seed=4, options={digits=1, ops="-"}}]'])
     assert E.task_config_for("arithmetic", cfg) == TaskConfig(name="arithmetic", seed=4,

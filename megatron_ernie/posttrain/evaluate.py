@@ -3,13 +3,15 @@
     ernie eval-tasks --checkpoint runs/rl-tiny --tasks arithmetic,code,calc [--prompts 64] [--json out.json]
 
 Held-out prompts: every task generates its examples deterministically from
-(seed, index) (rl/tasks/registry.py). Training reads the low indices: the RL
+(seed, index) (rl/tasks/registry.py). Training reads lower indices: the RL
 prompt stream (rl/controller.py PromptStream) counts from 0, one index per
-prompt, and SFT demonstrations are drawn from the start of the stream too.
+prompt, and SFT demonstrations start at sft.first_index (default 1,000,000).
 Evaluation uses indices [HELD_OUT_START, HELD_OUT_START + prompts) at the
-task's own seed, ten million prompts past the start, which no run of this
-project reaches, so evaluation prompts are never trained on and every stage
-of a pipeline is scored on the same prompts.
+task's own seed, ten million past the start, which no run of this project
+reaches (a checkpoint whose SFT range reaches it is refused), so every stage
+of a pipeline is scored on the same never-trained-on example indices. (A
+task with few distinct prompts, e.g. one-digit subtraction with 55, repeats
+prompt texts across indices: held out by index, not by text.)
 
 Each task is decoded twice: greedily (top-1 at every step, deterministic) and
 by sampling at temperature 1 (the policy's own distribution, the quantity RL
@@ -106,6 +108,19 @@ def held_out_examples(task_cfg: TaskConfig, count: int, start: int = HELD_OUT_ST
                                                                         task_cfg.options)
 
 
+def _check_not_trained_on(cfg, prompts: int) -> None:
+    """Refuse a checkpoint whose SFT demonstrations (config [sft], source "tasks") reach the held-out indices."""
+    sft = getattr(cfg, "sft", None)
+    if sft is None or getattr(sft, "source", "") != "tasks":
+        return
+    last = sft.first_index + sft.num_examples + sft.valid_examples
+    if sft.first_index < HELD_OUT_START + prompts and last > HELD_OUT_START:
+        raise ConfigError("sft.first_index", sft.first_index, f"the checkpoint was fine-tuned on task examples "
+                                                              f"[{sft.first_index}, {last}), which overlap the held-out "
+                                                              f"indices from {HELD_OUT_START}: its scores would not "
+                                                              "be held out; retrain with a first_index below that")
+
+
 def _encode_prompts(tokenizer, task_name: str, examples) -> list[list[int]]:
     try:
         return [tokenizer.encode(ex.prompt) for ex in examples]
@@ -141,7 +156,7 @@ def _check_agent_tokenizer(tokenizer, task_name: str) -> None:
     except ValueError:
         raise ConfigError("--agent-tasks", task_name, "the checkpoint's tokenizer cannot write tool calls "
                                                       f"({STOP_STRING!r}); it was not trained for tool use: "
-                                                      "evaluate this task without the agent loop") from None
+                                                      "leave the task out of --agent-tasks") from None
 
 
 def _generate(engine, tokenizer, prompts: list[list[int]], params, agent_turns: int) -> list[dict]:
@@ -193,6 +208,7 @@ def _summary(scored, prompts: int, copies: int, examples) -> dict:
 def evaluate_task(engine, tokenizer, cfg, task_name: str, settings: EvalSettings, scorer) -> dict:
     """{"greedy": summary, "sampled": summary, ...} of one task on its held-out prompts."""
     task_cfg = task_config_for(task_name, cfg)
+    _check_not_trained_on(cfg, settings.prompts)
     examples = held_out_examples(task_cfg, settings.prompts)
     prompts = _encode_prompts(tokenizer, task_name, examples)
     agent_turns = settings.agent_turns if task_name in settings.agent_tasks else 1
