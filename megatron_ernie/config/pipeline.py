@@ -67,6 +67,7 @@ class ExpertConfig:
     name: str = ""
     tasks: tuple[str, ...] = ()
     steps: int = 0
+    set: tuple[str, ...] = ()  # this expert's own overrides, after [pipeline.expert]'s (e.g. agent turns)
 
     def validate(self, path: str) -> None:
         require(isinstance(self.name, str) and bool(_NAME.match(self.name)), f"{path}.name", self.name,

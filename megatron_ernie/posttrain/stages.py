@@ -69,7 +69,7 @@ def plan(pipeline: PipelineConfig, home: Path) -> list[Stage]:
     root = _absolute(home, pipeline.dir)
     base = str(_absolute(home, pipeline.base)) if pipeline.base else ""
     sft = _stage("sft", "sft", pipeline.sft, pipeline.sft, home, root / "sft", base, (), {})
-    experts = [_stage(f"experts/{e.name}", "rl", pipeline.expert, _with(pipeline.expert, e.steps, e.tasks), home,
+    experts = [_stage(f"experts/{e.name}", "rl", pipeline.expert, _with(pipeline.expert, e.steps, e.tasks, e.set), home,
                       root / "experts" / e.name, str(sft.output), ("sft",), {}) for e in pipeline.experts]
     teachers = {e.name: str(s.output) for e, s in zip(pipeline.experts, experts)}
     domains = tuple(pipeline.routes())
@@ -81,8 +81,8 @@ def plan(pipeline: PipelineConfig, home: Path) -> list[Stage]:
     return [sft, *experts, opd, general]
 
 
-def _with(stage: StageConfig, steps: int, tasks) -> StageConfig:
-    return StageConfig(stage.config, stage.set, steps or stage.steps, stage.procs, tuple(tasks))
+def _with(stage: StageConfig, steps: int, tasks, extra_set=()) -> StageConfig:
+    return StageConfig(stage.config, (*stage.set, *extra_set), steps or stage.steps, stage.procs, tuple(tasks))
 
 
 def _distill(teachers: dict, routes: dict) -> dict:
