@@ -75,11 +75,14 @@ class TeacherScorer:
                                    teacher_full=full)
 
 
-def load_scorer(checkpoint, alias: str, payload: str, dtype: str, batch_samples: int, seed: int = 0):
-    """(TeacherScorer, tokenizer, the checkpoint's config) from a checked teacher checkpoint."""
+def load_scorer(checkpoint, alias: str, payload: str, dtype: str, batch_samples: int, seed: int = 0, groups=None):
+    """(TeacherScorer, tokenizer, the checkpoint's config) from a checked teacher checkpoint.
+
+    groups: megatron-core groups of a whole-model process (default: this process alone).
+    """
     from megatron_ernie.rl.rollout.checkpoint_engine import engine_from_checkpoint
 
-    engine, tokenizer, teacher_cfg = engine_from_checkpoint(checkpoint, dtype=dtype, seed=seed,
+    engine, tokenizer, teacher_cfg = engine_from_checkpoint(checkpoint, dtype=dtype, seed=seed, groups=groups,
                                                             field=f"rl.distill.teachers.{alias}")
     scorer = TeacherScorer(engine.model, tokenizer.vocab_size, teacher_cfg.model.seq_length, alias, payload,
                            batch_samples)

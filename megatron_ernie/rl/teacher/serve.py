@@ -2,7 +2,8 @@
 
 Start-up, in this order, so that a bad teacher is refused before it scores
 anything and the controller always hears why:
-  1. connect to the controller (Hello "teacher", rank) and start heartbeats —
+  1. import torch and megatron-core (seconds of CPU that could starve the heartbeat thread), then
+     connect to the controller (Hello "teacher", rank) and start heartbeats —
      loading a large model takes a while, and a failure below is then reported
      as a Failure message instead of a silent absence;
   2. check the checkpoint (teacher/checkpoints.py): complete, config.toml and
@@ -72,6 +73,9 @@ def run_teacher(cfg, system, rank: int, address, authkey: bytes) -> int:
         raise ConfigError("rl.distill.teachers", {}, "a teacher process needs teachers: set rl.distill.teachers "
                                                      "or do not start the teacher role")
     alias = alias_for_rank(cfg.rl.distill, rank)
+    import megatron_ernie.rl.rollout.checkpoint_engine  # noqa: F401 - torch and megatron-core imports take seconds
+    import megatron_ernie.rl.teacher.engine  # noqa: F401 - of CPU and the GIL: finish them before heartbeats count
+
     channel = connect(address, authkey, Hello("teacher", rank, os.getpid(), socket.gethostname()))
     beats = Heartbeats(channel, "teacher", rank, system.heartbeat_s)
     try:
