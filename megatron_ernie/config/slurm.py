@@ -2,7 +2,7 @@
 
 One job shape for pretraining (``nodes`` x ``gpus_per_node``, one task per
 GPU) and, for RL, one heterogeneous job whose groups (trainer, rollout,
-reward, controller) are sized independently.  Validation happens before
+reward, teacher, controller) are sized independently.  Validation happens before
 anything reaches sbatch, so a bad size is reported with the field to change
 instead of a job that waits forever or dies on its first node.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from megatron_ernie.config.errors import ConfigError, require
 
-ROLES = ("trainer", "rollout", "reward", "controller")
+ROLES = ("trainer", "rollout", "reward", "teacher", "controller")
 GPU_ROLES = ("trainer", "rollout")  # these run megatron-core and need GPUs
 
 
@@ -84,6 +84,8 @@ class SlurmConfig:
     trainer: GpuGroupConfig = field(default_factory=GpuGroupConfig)
     rollout: GpuGroupConfig = field(default_factory=GpuGroupConfig)
     reward: HetGroupConfig = field(default_factory=lambda: HetGroupConfig(nodes=0))  # 0: rewards in the controller
+    # the distillation teachers ([rl.distill]); task r serves the (r mod #aliases)-th alias. 0: no teachers
+    teacher: GpuGroupConfig = field(default_factory=lambda: GpuGroupConfig(nodes=0))
     controller: HetGroupConfig = field(default_factory=HetGroupConfig)
 
     def groups(self) -> list[tuple[str, HetGroupConfig]]:
@@ -129,12 +131,24 @@ class SlurmConfig:
             require(option.startswith("-"), f"{path}.extra_sbatch", option,
                      "write each entry as an sbatch option, e.g. '--constraint=h100'")
 
+    def check_teachers(self, path: str, aliases) -> None:
+        """A run with [rl.distill] teachers needs a teacher group with a task for every alias, and vice versa."""
+        group = self.teacher
+        tasks = group.nodes * group.ntasks_per_node
+        if aliases:
+            require(tasks >= len(aliases), f"{path}.teacher.nodes", group.nodes,
+                    f"rl.distill.teachers has {len(aliases)} aliases {list(aliases)} but the teacher group runs "
+                    f"{tasks} tasks ({path}.teacher.nodes x tasks per node); give every alias at least one")
+        else:
+            require(group.nodes == 0, f"{path}.teacher.nodes", group.nodes,
+                    "a teacher group without rl.distill.teachers would idle; set it to 0 or declare the teachers")
+
     def validate_rl(self, path: str) -> None:
         """Rules for the heterogeneous RL job (called by ``ernie submit rl``)."""
         for role in ("trainer", "rollout", "controller"):
             group = getattr(self, role)
             require(group.nodes >= 1, f"{path}.{role}.nodes", group.nodes, f"the {role} needs at least one node")
-        for role in GPU_ROLES:
+        for role in GPU_ROLES + (("teacher",) if self.teacher.nodes else ()):
             group = getattr(self, role)
             require(group.gpus_per_node >= 1, f"{path}.{role}.gpus_per_node", group.gpus_per_node,
                      f"the {role} runs the model and needs GPUs; set at least 1")

@@ -58,6 +58,7 @@ def load_submission(args: argparse.Namespace) -> tuple[SlurmConfig, JobSpec]:
                   overrides=passed_on, command=args.command, dependency=args.dependency)
     if args.kind == "rl":
         check_rollout_replicas(slurm, raw.get("rl", {}).get("system", {}).get("rollout_tensor", 1))
+        slurm.check_teachers("slurm", sorted(raw.get("rl", {}).get("distill", {}).get("teachers", {})))
     return slurm, job
 
 
