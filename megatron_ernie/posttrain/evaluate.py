@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -205,6 +206,12 @@ def _summary(scored, prompts: int, copies: int, examples) -> dict:
             "statuses": statuses, "mean_response_tokens": float(np.mean(lengths)), "examples": shown}
 
 
+def _sampler_seed(seed: int, task_name: str) -> int:
+    """Each task's draws reproducible on their own (independent of which tasks run before it) and
+    different between tasks (one shared seed would replay the same random numbers on every task)."""
+    return (seed * 1_000_003 + zlib.crc32(task_name.encode())) % 2**63
+
+
 def evaluate_task(engine, tokenizer, cfg, task_name: str, settings: EvalSettings, scorer) -> dict:
     """{"greedy": summary, "sampled": summary, ...} of one task on its held-out prompts."""
     task_cfg = task_config_for(task_name, cfg)
@@ -219,7 +226,7 @@ def evaluate_task(engine, tokenizer, cfg, task_name: str, settings: EvalSettings
     result = {"options": dict(task_cfg.options), "seed": task_cfg.seed, "max_new_tokens": budget,
               "agent_turns": agent_turns}
     for mode in MODES:
-        engine.generator.manual_seed(settings.seed)  # each (task, mode) reproducible on its own
+        engine.generator.manual_seed(_sampler_seed(settings.seed, task_name))
         copies = 1 if mode == "greedy" else settings.samples
         samples = _samples(engine, tokenizer, task_name, examples, prompts,
                            _sampling_params(mode, tokenizer, budget), copies, agent_turns, settings.batch)
