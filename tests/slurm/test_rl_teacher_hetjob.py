@@ -1,8 +1,9 @@
 """The teacher role as a Slurm het group: rendering, submission checks, and a real het job on the test cluster.
 
 The real job runs on the cluster's four virtual nodes as trainer (1 task),
-rollout (1 task), teacher (2 tasks: two processes of alias "self") and
-controller (1 task; rewards scored inside it): self-distillation of a tiny
+rollout (1 task), teacher (2 tasks: two processes of one alias) and
+controller (1 task; rewards scored inside it), the teachers serving alias "math"
+of configs/opd_tiny_cpu.toml: self-distillation of a tiny
 MoE whose initial checkpoint is also its teacher, for a few steps.
 """
 
@@ -65,7 +66,7 @@ def test_het_job_with_a_teacher_group_distils_and_completes(slurm_cluster, check
                         reward=HetGroupConfig(nodes=0), teacher=GpuGroupConfig(nodes=1, gpus_per_node=2),
                         controller=HetGroupConfig(nodes=1))
     sets = [f'run.dir="{run_dir}"', f"train.iters={STEPS}", f'checkpoint.load="{checkpoint}"',
-            f'rl.distill.teachers={{self="{checkpoint}"}}', "log.tensorboard=false",
+            f'rl.distill.teachers={{math="{checkpoint}"}}', "log.tensorboard=false",
             "checkpoint.save_on_exit=false", "rl.system.reward_workers=0"]
     command = shlex.join([sys.executable, "-m", "megatron_ernie.rl.main", "--config", str(OPD),
                           *[a for s in sets for a in ("--set", s)], "--resume", "auto"])
@@ -81,5 +82,5 @@ def test_het_job_with_a_teacher_group_distils_and_completes(slurm_cluster, check
                                                               ("trainer", 0)]
     metrics = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    assert all(m["teacher/self/task_arithmetic"] == 64 for m in metrics)  # every sample went through a teacher
-    assert abs(metrics[0]["distill/self/k1"]) <= 0.01  # the student is its teacher at step 1
+    assert all(m["teacher/math/task_arithmetic"] == 64 for m in metrics)  # every sample went through a teacher
+    assert abs(metrics[0]["distill/math/k1"]) <= 0.01  # the student is its teacher at step 1
