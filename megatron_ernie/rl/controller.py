@@ -23,8 +23,9 @@ Faults: a rollout worker whose connection closes or which is silent for
 heartbeat_timeout_s is declared dead; its in-flight prompts are reissued (new
 attempt ids; late samples of the old attempt are discarded), and the next
 weight push uses a new group without it. A dead reward worker's samples are
-rescored elsewhere, and a dead teacher's by another teacher of its alias. A dead trainer ends the run (exit 1): its state is the
-model, which only a checkpoint restores.
+rescored elsewhere, and a dead teacher's by another teacher of its alias.
+A dead trainer ends the run (exit 1): its state is the model, which only a
+checkpoint restores.
 """
 
 from __future__ import annotations

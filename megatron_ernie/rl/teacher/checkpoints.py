@@ -41,7 +41,7 @@ class TeacherCheckpoint:
 
 
 def run_tokenizer_file(cfg, agent: bool) -> str:
-    """A file holding the run's tokenizer: its source file, or the tasks' tokenizer saved as <run.dir>/tokenizer.json."""
+    """A file holding the run's tokenizer: its own file, or the tasks' tokenizer saved as <run.dir>/tokenizer.json."""
     from megatron_ernie.rl.task_tokenizer import tokenizer_for
 
     tokenizer = tokenizer_for(cfg, agent=agent)
