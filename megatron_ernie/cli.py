@@ -107,6 +107,7 @@ PASSTHROUGH = {
     "inspect": "megatron_ernie.convert.summary",
     "eval-tasks": "megatron_ernie.posttrain.evaluate",
     "pipeline": "megatron_ernie.posttrain.pipeline",
+    "judge-data": "megatron_ernie.rl.judge.data",
 }
 # Subcommands served by a differently named function of a module.
 ENTRY = {"eval": ("megatron_ernie.elastic.search", "eval_main")}

@@ -1,0 +1,213 @@
+"""Judge training data: (prompt, response, verdict) examples labelled by a task's rubric.
+
+A learned judge is a language model asked one question: given a task prompt
+and a response, followed by SEPARATOR, is the next character "y" or "n"?
+It is trained by ordinary SFT on text pairs
+
+    SFT prompt   = task prompt + response + SEPARATOR       ("three fruit:fig,plum,pear\\n")
+    SFT response = VERDICT_YES or VERDICT_NO                 ("y")
+
+and in RL its score is p_judge("y" | SFT prompt) from one forward pass
+(judge/scorer.py), the same text laid out the same way (`judge_text`).
+
+Labels come from the task's rubric (rl/tasks/open_ended.py): "y" iff the
+rubric score is >= `threshold` (default 1: only a fully right answer). So
+the judge learns to predict the rubric from text, and the rubric stays
+available in RL to check it (judge/rubric_reward next to judge/score: a
+policy exploiting the judge shows the rubric falling while the score rises,
+the over-optimisation Gao et al. 2022 measured for learned reward models).
+
+Examples are balanced: even indices are right answers, odd indices cycle
+through the negative kinds — off-category words, a repeated word, too few or
+too many words, a near miss (one word of another category) and a misspelt
+word — so the judge must read the words, not the length. Everything is a
+deterministic function of (seed, task, index); the held-out examples use the
+indices after the training ones (`split_indices`).
+
+Use: `ernie judge-data --tasks open_ended --out judge.jsonl --examples 2000
+--valid 200` writes SFT JSONL (held-out lines last, as sft.valid_examples
+expects), or `[sft] source = "judge"` draws the same examples for the
+[[rl.tasks]] of an SFT config (the pipeline's judge stage does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_ernie.config.errors import ConfigError
+
+SEPARATOR = "\n"
+VERDICT_YES, VERDICT_NO = "y", "n"
+FIRST_INDEX = 2_000_000  # judge examples: RL prompts start at 0, SFT demos at 1M, evaluation at 10M
+NEGATIVE_KINDS = ("off_category", "repeat", "too_few", "too_many", "near_miss", "misspelt")
+
+
+def judge_text(prompt: str, response: str) -> str:
+    """What the judge reads: the task prompt, the response, then the separator before its verdict."""
+    return prompt + response + SEPARATOR
+
+
+@dataclass(frozen=True)
+class JudgeExample:
+    task: str
+    index: int
+    prompt: str
+    response: str
+    rubric: float      # the task's rubric score of the response
+    verdict: str       # VERDICT_YES iff rubric >= threshold
+    kind: str          # "right" or one of NEGATIVE_KINDS
+
+    def sft_record(self) -> dict:
+        """One line of SFT JSONL (extra keys are ignored by `ernie sft`, kept for agreement checks)."""
+        return {"prompt": judge_text(self.prompt, self.response), "response": self.verdict,
+                "rubric": self.rubric, "kind": self.kind, "task": self.task, "index": self.index}
+
+
+# ------------------------------------------------------------ open_ended responses
+def _open_ended_response(kind: str, category: str, count: int, rng: random.Random) -> str:
+    """A response of `kind` to "COUNT CATEGORY:" (see NEGATIVE_KINDS); falls back where count makes it moot."""
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES
+
+    words = list(CATEGORIES[category])
+    other = CATEGORIES[rng.choice(sorted(set(CATEGORIES) - {category}))]
+    right = rng.sample(words, min(count + 1, len(words)))
+    if kind == "right":
+        items = right[:count]
+    elif kind == "off_category" or (count == 1 and kind in ("repeat", "too_few", "near_miss", "misspelt")):
+        items = rng.sample(other, count)
+    elif kind == "repeat":
+        items = [right[0]] * count
+    elif kind == "too_few":
+        items = right[: count - 1]
+    elif kind == "too_many":
+        items = right[: count + 1]
+    elif kind == "near_miss":
+        items = right[: count - 1] + [rng.choice(other)]
+    else:  # misspelt: one right word with a letter dropped (never another word of the category)
+        items = right[: count - 1] + [_misspelt(right[count - 1], set(words), rng)]
+    rng.shuffle(items)
+    return ",".join(items)
+
+
+def _misspelt(word: str, valid: set, rng: random.Random) -> str:
+    for cut in rng.sample(range(len(word)), len(word)):
+        candidate = word[:cut] + word[cut + 1:]
+        if candidate and candidate not in valid:
+            return candidate
+    return word + word[-1]
+
+
+def open_ended_example(task_cfg, index: int, kind: str, seed: int, threshold: float) -> JudgeExample:
+    """Judge example `index` of the open_ended task `task_cfg` (its options and seed pick the prompt)."""
+    from megatron_ernie.rl.tasks.open_ended import check_options, make_example, parse_reference, rubric_score
+
+    options = check_options(dict(task_cfg.options))
+    example = make_example(task_cfg.seed, index, options)
+    count, words = parse_reference(example.reference)
+    category = example.prompt.split(" ", 1)[1].rstrip(":")
+    response = _open_ended_response(kind, category, count, random.Random(f"judge-data:{seed}:{index}"))
+    score = rubric_score(response, count, words)
+    verdict = VERDICT_YES if score >= threshold else VERDICT_NO
+    return JudgeExample(task_cfg.name, index, example.prompt, response, score, verdict, kind)
+
+
+# Tasks whose reward is a rubric a judge can learn: name -> example maker.
+RUBRIC_TASKS = {"open_ended": open_ended_example}
+
+
+def check_judge_tasks(tasks, field: str) -> None:
+    for i, task_cfg in enumerate(tasks):
+        if task_cfg.name not in RUBRIC_TASKS:
+            raise ConfigError(f"{field}[{i}].name", task_cfg.name,
+                              f"judge data is made for rubric tasks only: {sorted(RUBRIC_TASKS)}")
+
+
+def example_kind(turn: int) -> str:
+    """Even turns are right answers, odd turns cycle through NEGATIVE_KINDS (balanced classes)."""
+    return "right" if turn % 2 == 0 else NEGATIVE_KINDS[(turn // 2) % len(NEGATIVE_KINDS)]
+
+
+def judge_examples(tasks, start: int, count: int, seed: int = 0, threshold: float = 1.0) -> list[JudgeExample]:
+    """`count` examples with indices start..: index i is task i % len(tasks), kind of turn i // len(tasks)."""
+    check_judge_tasks(tasks, "rl.tasks")
+    out = []
+    for index in range(start, start + count):
+        task_cfg = tasks[index % len(tasks)]
+        kind = example_kind(index // len(tasks))
+        out.append(RUBRIC_TASKS[task_cfg.name](task_cfg, index, kind, seed, threshold))
+    return out
+
+
+def split_indices(first_index: int, train: int) -> tuple[int, int]:
+    """(first training index, first held-out index): held-out examples follow the training ones."""
+    return first_index, first_index + train
+
+
+# ---------------------------------------------------------------- SFT source
+def judge_sft_examples(sft, tasks):
+    """`[sft] source = "judge"`: (train, valid) SFTExamples of judge verdicts for the rubric tasks of rl.tasks."""
+    from megatron_ernie.data.sft import SFTExample
+
+    first, held_out = split_indices(sft.first_index, sft.num_examples)
+
+    def convert(examples):
+        return [SFTExample(judge_text(e.prompt, e.response), (("model", e.verdict),), f"judge:{e.task}")
+                for e in examples]
+
+    return (convert(judge_examples(tasks, first, sft.num_examples, sft.seed)),
+            convert(judge_examples(tasks, held_out, sft.valid_examples, sft.seed)))
+
+
+# ---------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie judge-data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["open_ended"], help="rubric tasks (default options)")
+    p.add_argument("--config", help="take the [[rl.tasks]] (names, options, seeds) of this TOML instead")
+    p.add_argument("--out", required=True, help="the .jsonl file to write")
+    p.add_argument("--examples", type=int, default=2000, help="training examples")
+    p.add_argument("--valid", type=int, default=200, help="held-out examples, written last (sft.valid_examples)")
+    p.add_argument("--first-index", type=int, default=FIRST_INDEX)
+    p.add_argument("--seed", type=int, default=0, help="picks the responses (the task seed picks the prompts)")
+    p.add_argument("--threshold", type=float, default=1.0, help="rubric score from which the verdict is y")
+    return p
+
+
+def _tasks_from(args):
+    from megatron_ernie import config as C
+    from megatron_ernie.config.loader import build, read_toml
+    from megatron_ernie.config.rl import TaskConfig
+
+    if args.config:
+        return build(C.ErnieConfig, read_toml(args.config)).rl.tasks
+    return tuple(TaskConfig(name=name) for name in args.tasks)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.examples < 1 or args.valid < 1:
+        raise ConfigError("--examples/--valid", (args.examples, args.valid), "use integers >= 1")
+    if not 0 < args.threshold <= 1:
+        raise ConfigError("--threshold", args.threshold, "use a rubric score in (0, 1]")
+    tasks = _tasks_from(args)
+    check_judge_tasks(tasks, "--tasks" if not args.config else "rl.tasks")
+    first, held_out = split_indices(args.first_index, args.examples)
+    examples = judge_examples(tasks, first, args.examples, args.seed, args.threshold)
+    examples += judge_examples(tasks, held_out, args.valid, args.seed, args.threshold)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example.sft_record()) + "\n")
+    yes = sum(e.verdict == VERDICT_YES for e in examples)
+    print(f"wrote {len(examples)} judge examples to {args.out} ({yes} y, {len(examples) - yes} n); the last "
+          f"{args.valid} are held out: train with [sft] source = \"{args.out}\", valid_examples = {args.valid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
