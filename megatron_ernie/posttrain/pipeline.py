@@ -194,10 +194,12 @@ def write_summary(manifest: Manifest, stages: list[Stage], out_dir: Path) -> Non
 
 
 # ---------------------------------------------------------------- Slurm chain
-def submit_chain(stages: list[Stage], dry_run: bool) -> dict[str, str]:
+def submit_chain(stages: list[Stage], dry_run: bool, manifest: Manifest | None = None) -> dict[str, str]:
     """One sbatch per stage, each `afterok` on the stages it starts from; experts are separate jobs
     (Slurm refuses arrays of heterogeneous jobs). With --kill-on-invalid-dep a failed expert cancels
-    OPD instead of letting it start without a teacher. Returns stage -> job id."""
+    OPD instead of letting it start without a teacher. Returns stage -> job id, and records each
+    stage's job id and the ids it waits for in the manifest (status "submitted") so a user finds the
+    jobs of a chain (squeue -j, sacct -j) from the pipeline directory."""
     ids: dict[str, str] = {}
     for stage in stages:
         stage.write_config()
@@ -211,6 +213,10 @@ def submit_chain(stages: list[Stage], dry_run: bool) -> dict[str, str]:
         if done.returncode != 0:
             raise StageFailed(f"submitting {stage.name} failed: {done.stderr.strip() or done.stdout.strip()}")
         ids[stage.name] = f"<{stage.name}>" if dry_run else done.stdout.strip()
+        if manifest is not None and not dry_run:
+            manifest.update(stage.name, status="submitted", job_id=ids[stage.name], after_jobs=deps,
+                            input=stage.input, config_hash=stage.config_hash, config=str(stage.config_path),
+                            output=str(stage.output), tasks=list(stage.tasks))
         print(f"# ---- {stage.name} (after {', '.join(stage.after) or 'nothing'})\n{done.stdout}" if dry_run
               else f"[pipeline] {stage.name}: job {ids[stage.name]}", flush=True)
     return ids
@@ -242,7 +248,9 @@ def main(argv=None, scorer=None) -> int:
             print(describe(chosen))
             return 0
         if args.submit:
-            submit_chain(chosen, args.dry_run)
+            submit_chain(chosen, args.dry_run, manifest)
+            if not args.dry_run:
+                print(f"[pipeline] submitted; job ids in {manifest.path}")
             return 0
         scorer = scorer or stage_scorer(pipeline.score, domains(stages))
         run_local(chosen, manifest, args.force, pipeline.parallel_experts, scorer)

@@ -98,7 +98,7 @@ def _stage(name: str, kind: str, source: StageConfig, stage: StageConfig, home: 
            after: tuple, extra: dict) -> Stage:
     field = f"pipeline.{name.split('/')[0]}"
     raw = apply_overrides(read_toml(_absolute(home, source.config)), stage.set)
-    raw = _merge(raw, extra)
+    raw = _teacher_group(_merge(raw, extra))
     raw = _link(raw, run_dir, start, stage.steps)
     raw = _select_tasks(raw, stage.tasks, f"{field}.tasks")
     cfg = _validated(raw, f"{field}.config")
@@ -115,6 +115,20 @@ def _merge(raw: dict, extra: dict) -> dict:
     for key, value in extra.items():
         nested = isinstance(value, dict) and key not in _REPLACED
         out[key] = _merge(out.get(key, {}), value) if nested else value
+    return out
+
+
+def _teacher_group(raw: dict) -> dict:
+    """On Slurm the OPD stage's teachers run in their own het group ([slurm.teacher]); a stage config
+    that sizes none (it is usually the experts' config) gets one node with a task per teacher, one
+    node more for the job. A config that sizes the group itself is left as it is."""
+    teachers = raw.get("rl", {}).get("distill", {}).get("teachers", {})
+    slurm = raw.get("slurm", {})
+    if not teachers or slurm.get("teacher", {}).get("nodes", 0):
+        return raw
+    out = copy.deepcopy(raw)
+    group = {**slurm.get("teacher", {}), "nodes": 1, "tasks_per_node": len(teachers)}
+    out["slurm"] = {**slurm, "teacher": group, "nodes": slurm.get("nodes", 1) + 1}
     return out
 
 
