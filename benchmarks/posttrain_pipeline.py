@@ -1,0 +1,283 @@
+"""The post-training pipeline's central claim, measured: domain experts beat SFT, OPD gathers them.
+
+    python benchmarks/posttrain_pipeline.py [--seeds 1,2] [--quick] [--out runs/posttrain-bench]
+
+For each seed: `ernie pipeline` on benchmarks/configs/posttrain_bench.toml
+(SFT -> one RL expert per domain -> multi-teacher OPD into the SFT model ->
+general RL), with the seed added to every stage (run.seed: initialisation,
+sampling; sft.seed: which demonstrations are deliberately wrong), then the
+baseline: ONE mixed-domain RL run from the same SFT checkpoint on all the
+experts' tasks, given as many samples (steps x prompts x samples per prompt)
+as all experts together. Every stage's output is scored by the benchmark
+itself on every domain (held-out prompts of ernie eval-tasks, greedy and
+sampled at T=1), with each task's options and response budget taken from
+the stages that train it, so that an expert is scored on another domain's
+real distribution, not on that task's defaults (eval-tasks falls back to the
+defaults for a task the checkpoint was not trained on).
+
+Prints, per decoding mode: the domain x stage matrix per seed and averaged
+over seeds (mean ± half the range over seeds), each expert's own-domain gain
+over SFT, the fraction of that gain the OPD student recovers, the general
+stage's change per domain, the baseline row, and the issue's targets
+(expert gain >= 10 points; OPD recovers >= 60% of each gain and its domain
+average beats every expert's; general RL loses <= 3 points per verifiable
+domain) with PASS/MISS. Reruns skip every finished stage (the manifest).
+`--quick` is a smoke run (a few steps per stage, few prompts): plumbing only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "posttrain_bench.toml"
+BASELINE = "baseline"
+MODES = ("greedy", "sampled")
+QUICK_STEPS = {"sft": 20, "expert": 2, "opd": 2, "general": 2}
+
+
+# ------------------------------------------------------------------ planning
+def seed_pipeline(pipeline, home: Path, seed: int, out: Path, quick: bool):
+    """The pipeline of one seed: its own directory, absolute config paths, the seed in every stage,
+    the pipeline's own scoring off (the benchmark scores every stage on every domain itself)."""
+    from megatron_ernie.config.pipeline import ScoreConfig
+
+    seeded = (f"run.seed={1000 + seed}",)
+
+    def stage(s, extra=(), steps=None):
+        config = str((home / s.config).resolve()) if s.config else ""
+        return dataclasses.replace(s, config=config, set=(*s.set, *seeded, *extra),
+                                   steps=s.steps if steps is None else steps)
+
+    q = QUICK_STEPS if quick else {}
+    experts = tuple(dataclasses.replace(e, steps=q.get("expert", e.steps)) for e in pipeline.experts)
+    return dataclasses.replace(
+        pipeline, dir=str(out / f"seed{seed}"), base=str((home / pipeline.base).resolve()) if pipeline.base else "",
+        sft=stage(pipeline.sft, (f"sft.seed={seed}",), q.get("sft")), expert=stage(pipeline.expert),
+        experts=experts, opd=stage(pipeline.opd, (), q.get("opd")),
+        general=stage(pipeline.general, (), q.get("general")), score=ScoreConfig(prompts=0))
+
+
+def baseline_pipeline(pipeline):
+    """The same pipeline with one expert, "baseline", on every expert's tasks, trained for the experts'
+    total steps; planning it gives the baseline RL run from the SFT checkpoint (experts/baseline)."""
+    from megatron_ernie.config.pipeline import ExpertConfig
+
+    tasks = tuple(t for e in pipeline.experts for t in e.tasks)
+    steps = sum(e.steps or pipeline.expert.steps for e in pipeline.experts)
+    return dataclasses.replace(pipeline, experts=(ExpertConfig(BASELINE, tasks, steps),))
+
+
+def samples_of(stage) -> int:
+    """Rollout samples a stage trains on: steps x prompts per step x samples per prompt."""
+    cfg = tomllib.loads(stage.config_text)
+    return cfg["train"]["iters"] * cfg["rl"]["system"]["prompts_per_step"] * cfg["rl"]["sampling"]["n_per_prompt"]
+
+
+def eval_plan(stages) -> dict:
+    """{task: {"options", "seed", "module", "max_new_tokens"}}: each task as the stage that trains it alone
+    sees it (an expert's), else as general RL sees it; the same for every row of the matrix."""
+    plan = {}
+    order = {"experts": 0, "general": 1}
+    for stage in sorted(stages, key=lambda s: order.get(s.name.split("/")[0], 2)):
+        cfg = tomllib.loads(stage.config_text)
+        for task in cfg.get("rl", {}).get("tasks", []):
+            plan.setdefault(task["name"], {"options": task.get("options", {}), "seed": task.get("seed", 0),
+                                           "module": task.get("module", ""),
+                                           "max_new_tokens": cfg["rl"]["sampling"]["max_new_tokens"]})
+    return plan
+
+
+# ---------------------------------------------------------------- evaluation
+def evaluate_one(checkpoint: str, plan: dict, prompts: int, samples: int, out: str) -> None:
+    """Score one checkpoint on every task of `plan` (runs in its own process: a clean torch world).
+
+    eval-tasks' own per-task logic (evaluate_task) on the checkpoint's config with its [[rl.tasks]]
+    replaced by the plan's, and the response budget per task from the plan."""
+    from megatron_ernie.config.rl import TaskConfig
+    from megatron_ernie.posttrain.evaluate import EvalSettings, evaluate_task
+    from megatron_ernie.rl.reward.worker import RewardWorker
+    from megatron_ernie.rl.rollout.checkpoint_engine import engine_from_checkpoint
+
+    engine, tokenizer, cfg = engine_from_checkpoint(checkpoint, dtype="fp32", seed=0)
+    tasks = tuple(TaskConfig(name=n, seed=p["seed"], options=p["options"], module=p["module"]) for n, p in plan.items())
+    cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, tasks=tasks))
+    result = {}
+    with RewardWorker(cfg.rl.sandbox, 2) as scorer:
+        for name, p in plan.items():
+            settings = EvalSettings(prompts=prompts, samples=samples, max_new_tokens=p["max_new_tokens"])
+            r = evaluate_task(engine, tokenizer, cfg, name, settings, scorer)
+            result[name] = {m: [r[m]["mean"], r[m]["stderr"]] for m in MODES}
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def score_stage(stage, plan: dict, prompts: int, samples: int) -> dict:
+    """{task: {mode: [mean, stderr]}} of a finished stage, cached in <run dir>/bench_eval.json."""
+    out = stage.run_dir / "bench_eval.json"
+    key = json.dumps({"plan": plan, "prompts": prompts, "samples": samples, "output": str(stage.output)},
+                     sort_keys=True)
+    cached = stage.run_dir / "bench_eval.key"
+    if out.is_file() and cached.is_file() and cached.read_text() == key:
+        return json.loads(out.read_text())
+    command = [sys.executable, __file__, "--evaluate-one", str(stage.output), "--plan", json.dumps(plan),
+               "--prompts", str(prompts), "--samples", str(samples), "--json", str(out)]
+    with open(stage.run_dir / "bench_eval.log", "wb") as log:
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
+            raise RuntimeError(f"scoring {stage.name} failed; see {stage.run_dir / 'bench_eval.log'}")
+    cached.write_text(key)
+    return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------- running
+def run_seed(pipeline, seed_dir: Path, args) -> dict:
+    """Pipeline + baseline of one seed; {stage: {task: {mode: [mean, stderr]}}} and the samples per stage."""
+    from megatron_ernie import config as C
+    from megatron_ernie.config.pipeline import PipelineFile
+    from megatron_ernie.posttrain.manifest import Manifest
+    from megatron_ernie.posttrain.pipeline import run_group
+    from megatron_ernie.posttrain.stages import plan
+
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    path = seed_dir / "pipeline.toml"
+    path.write_text(C.dumps(PipelineFile(pipeline)))
+    started = time.time()
+    code = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "pipeline", "--config", str(path)],
+                          cwd=ROOT).returncode
+    if code != 0:
+        raise RuntimeError(f"the pipeline of {seed_dir.name} failed (exit {code}); see {seed_dir}/*/stage.log")
+    stages = plan(pipeline, seed_dir)
+    baseline = plan(baseline_pipeline(pipeline), seed_dir)[1]
+    manifest = Manifest(seed_dir / "manifest.json")
+    if not manifest.is_done(baseline.name, baseline.config_hash, baseline.output):
+        run_group([baseline], manifest, 1)
+    print(f"[bench] {seed_dir.name}: stages done in {time.time() - started:.0f} s; scoring", flush=True)
+    tasks = eval_plan(stages)
+    scored = {}
+    for stage in [*stages, baseline]:
+        name = BASELINE if stage is baseline else stage.name
+        scored[name] = score_stage(stage, tasks, args.prompts, args.samples)
+    samples = {("baseline" if s is baseline else s.name): samples_of(s) for s in [*stages[1:], baseline]}
+    print(f"[bench] {seed_dir.name}: done in {time.time() - started:.0f} s", flush=True)
+    return {"scores": scored, "samples": samples}
+
+
+# ------------------------------------------------------------------ analysis
+def cell(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and half the range (the spread of two seeds; 0 for one)."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def mode_table(per_seed: dict, mode: str) -> dict:
+    """{stage: {task: [value per seed]}} of one decoding mode, from {seed: {stage: {task: {mode: [m, se]}}}}."""
+    table: dict = {}
+    for scores in per_seed.values():
+        for stage, row in scores.items():
+            for task, by_mode in row.items():
+                table.setdefault(stage, {}).setdefault(task, []).append(by_mode[mode][0])
+    return table
+
+
+def format_matrix(table: dict, tasks: list[str], title: str) -> str:
+    """Rows = stages, columns = domains (+ their average); cells mean ± spread over seeds, in points."""
+    width = 14
+    lines = [title, f"{'stage':<16}" + "".join(f"{t:>{width}}" for t in [*tasks, "average"])]
+    for stage, row in table.items():
+        means = [cell(row[t]) for t in tasks]
+        avg = cell([sum(row[t][i] for t in tasks) / len(tasks) for i in range(len(row[tasks[0]]))])
+        lines.append(f"{stage:<16}" + "".join(f"{100 * m:>8.1f} ±{100 * s:>4.1f}" for m, s in [*means, avg]))
+    return "\n".join(lines)
+
+
+def targets(table: dict, experts: dict[str, list[str]], verifiable: list[str]) -> list[str]:
+    """The issue's targets on the seed-averaged table (points = 100 x mean reward)."""
+    mean = {stage: {t: 100 * cell(v)[0] for t, v in row.items()} for stage, row in table.items()}
+    avg = {stage: sum(row[t] for t in verifiable) / len(verifiable) for stage, row in mean.items()}
+    lines = []
+    for name, tasks in experts.items():
+        for task in tasks:
+            gain = mean[f"experts/{name}"][task] - mean["sft"][task]
+            lines.append(_verdict(f"expert {name} gain over SFT on {task}", gain, gain >= 10, ">= 10 points"))
+            if "opd" in mean:
+                got = mean["opd"][task] - mean["sft"][task]
+                frac = got / gain if gain > 0 else float("nan")
+                lines.append(_verdict(f"OPD recovers of {name}'s gain on {task}", 100 * frac, frac >= 0.6,
+                                      f">= 60% (OPD {got:+.1f} of {gain:+.1f} points)", unit="%"))
+    if "opd" in avg:
+        best = max(avg[f"experts/{n}"] for n in experts)
+        lines.append(_verdict("OPD average minus best expert average", avg["opd"] - best, avg["opd"] > best, "> 0"))
+    if "general" in mean and "opd" in mean:
+        for task in verifiable:
+            change = mean["general"][task] - mean["opd"][task]
+            lines.append(_verdict(f"general RL change on {task}", change, change >= -3, ">= -3 points"))
+    if BASELINE in avg and "opd" in avg:
+        lines.append(_verdict("OPD average minus baseline average", avg["opd"] - avg[BASELINE],
+                              avg["opd"] > avg[BASELINE], "> 0 (not an issue target)"))
+    return lines
+
+
+def _verdict(what: str, value: float, ok: bool, target: str, unit: str = " points") -> str:
+    return f"  {'PASS' if ok else 'MISS'}  {what}: {value:+.1f}{unit.strip() and unit}  (target {target})"
+
+
+def report(per_seed: dict, experts: dict[str, list[str]], verifiable: list[str], tasks: list[str]) -> str:
+    """Every table of the benchmark for both decoding modes (what the script prints)."""
+    out = []
+    for mode in MODES:
+        for seed, scores in per_seed.items():
+            out.append(format_matrix(mode_table({seed: scores}, mode), tasks, f"\n[{mode}] seed {seed}"))
+        table = mode_table(per_seed, mode)
+        out.append(format_matrix(table, tasks, f"\n[{mode}] mean ± half-range over seeds {list(per_seed)}"))
+        out.append(f"[{mode}] targets:")
+        out.extend(targets(table, experts, verifiable))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="the pipeline file to measure")
+    p.add_argument("--seeds", default="1,2", help="comma-separated seeds (>= 2 for a spread)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "posttrain-bench"))
+    p.add_argument("--quick", action="store_true", help="smoke run: a few steps per stage, 8 prompts")
+    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 48, quick 8)")
+    p.add_argument("--samples", type=int, default=2, help="T=1 samples per prompt")
+    p.add_argument("--evaluate-one", default="", help=argparse.SUPPRESS)
+    p.add_argument("--plan", default="", help=argparse.SUPPRESS)
+    p.add_argument("--json", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.prompts = args.prompts or (8 if args.quick else 48)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.evaluate_one:
+        evaluate_one(args.evaluate_one, json.loads(args.plan), args.prompts, args.samples, args.json)
+        return 0
+    from megatron_ernie.posttrain.stages import load_pipeline
+
+    template, home = load_pipeline(args.config)
+    out = Path(args.out).resolve() / ("quick" if args.quick else "full")
+    started, per_seed = time.time(), {}
+    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+        result = run_seed(seed_pipeline(template, home, seed, out, args.quick), out / f"seed{seed}", args)
+        per_seed[seed] = result["scores"]
+        (out / "results.json").write_text(json.dumps(per_seed, indent=1) + "\n")
+        print(f"[bench] samples per stage: {result['samples']}", flush=True)
+    experts = {e.name: list(e.tasks) for e in template.experts}
+    verifiable = [t for ts in experts.values() for t in ts]
+    tasks = list(next(iter(per_seed.values()))["sft"])
+    print(report(per_seed, experts, verifiable, tasks))
+    print(f"\n[bench] total {time.time() - started:.0f} s; scores in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

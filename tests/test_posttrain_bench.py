@@ -1,0 +1,64 @@
+"""The post-training benchmark's tables (benchmarks/posttrain_pipeline.py): pure functions, no runs."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "posttrain_pipeline.py"
+_SPEC = importlib.util.spec_from_file_location("posttrain_bench", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def _row(**means):
+    return {task: {"greedy": [m, 0.05], "sampled": [m / 2, 0.05]} for task, m in means.items()}
+
+
+def _seed(shift):
+    return {"sft": _row(a=0.2 + shift, b=0.4),
+            "experts/ea": _row(a=0.6 + shift, b=0.3),
+            "experts/eb": _row(a=0.1, b=0.8 + shift),
+            "opd": _row(a=0.5, b=0.7),
+            "general": _row(a=0.48, b=0.6),
+            "baseline": _row(a=0.3, b=0.5)}
+
+
+def test_cell_is_mean_and_half_range():
+    assert bench.cell([0.2, 0.6]) == pytest.approx((0.4, 0.2))
+    assert bench.cell([0.3]) == (0.3, 0.0)
+
+
+def test_mode_table_collects_one_value_per_seed():
+    table = bench.mode_table({1: _seed(0.0), 2: _seed(0.1)}, "sampled")
+    assert table["experts/ea"]["a"] == pytest.approx([0.3, 0.35])
+    assert list(table) == ["sft", "experts/ea", "experts/eb", "opd", "general", "baseline"]
+
+
+def test_matrix_prints_points_with_spread_and_average():
+    text = bench.format_matrix(bench.mode_table({1: _seed(0.0), 2: _seed(0.1)}, "greedy"), ["a", "b"], "T")
+    sft = next(line for line in text.splitlines() if line.startswith("sft"))
+    # a: 20 and 30 -> 25.0 ± 5.0; b: 40 ± 0; average of (20, 40) and (30, 40): 30 and 35 -> 32.5 ± 2.5
+    assert sft.replace("±", " ").split() == ["sft", "25.0", "5.0", "40.0", "0.0", "32.5", "2.5"]
+    assert text.splitlines()[1].split() == ["stage", "a", "b", "average"]
+
+
+def test_targets_pass_and_miss_with_the_right_numbers():
+    table = bench.mode_table({1: _seed(0.0)}, "greedy")
+    lines = bench.targets(table, {"ea": ["a"], "eb": ["b"]}, ["a", "b"])
+    text = "\n".join(lines)
+    assert "PASS  expert ea gain over SFT on a: +40.0 points" in text
+    assert "PASS  OPD recovers of ea's gain on a: +75.0%" in text      # 30 of 40 points
+    assert "PASS  OPD recovers of eb's gain on b: +75.0%" in text      # 30 of 40 points
+    assert "PASS  OPD average minus best expert average: +15.0 points" in text  # 60 vs 45 (both)
+    assert "PASS  general RL change on a: -2.0 points" in text
+    assert "MISS  general RL change on b: -10.0 points" in text
+    assert "PASS  OPD average minus baseline average: +20.0 points" in text
+
+
+def test_targets_miss_a_negative_expert_gain():
+    scores = _seed(0.0)
+    scores["experts/ea"] = _row(a=0.15, b=0.3)
+    lines = bench.targets(bench.mode_table({1: scores}, "greedy"), {"ea": ["a"], "eb": ["b"]}, ["a", "b"])
+    assert any(line.startswith("  MISS  expert ea gain over SFT on a: -5.0") for line in lines)
+    assert any("OPD recovers of ea's gain on a: +nan%" in line for line in lines)
