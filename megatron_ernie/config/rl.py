@@ -262,6 +262,47 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """A learned judge as the reward of some tasks (rl/judge/): `[rl.judge]`.
+
+    checkpoint: a judge checkpoint (an iter_N directory, or a run or checkpoints
+      directory whose `latest` is used), trained by SFT to answer "y"/"n" after
+      prompt + response + separator (rl/judge/data.py); it must carry the run's tokenizer.
+    tasks: names of rl.tasks whose reward becomes the judge's score p("y" | ...);
+      their rubric reward is still computed and logged as judge/rubric_reward.
+    """
+
+    checkpoint: str = ""
+    tasks: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.checkpoint)
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.checkpoint, str):
+            raise ConfigError(f"{path}.checkpoint", self.checkpoint, "give the judge's checkpoint directory")
+        if self.tasks and not self.checkpoint:
+            raise ConfigError(f"{path}.checkpoint", self.checkpoint,
+                              f"judged tasks {list(self.tasks)} need a judge: set rl.judge.checkpoint to a judge "
+                              "checkpoint (SFT on `ernie judge-data` or [sft] source = \"judge\"), or remove "
+                              "rl.judge.tasks")
+        if self.checkpoint and not self.tasks:
+            raise ConfigError(f"{path}.tasks", list(self.tasks),
+                              "name the rl.tasks the judge scores, e.g. tasks = [\"open_ended\"]")
+        if any(not isinstance(t, str) for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"{path}.tasks", list(self.tasks), "list distinct task names")
+
+    def check_tasks(self, path: str, tasks) -> None:
+        """Every judged task is in the prompt mix (else the judge would silently never run)."""
+        names = [task.name for task in tasks]
+        for task in self.tasks:
+            if task not in names:
+                raise ConfigError(f"{path}.tasks", list(self.tasks),
+                                  f"task '{task}' is not in rl.tasks {names}: add it there or fix the name")
+
+
+@dataclass(frozen=True)
 class RLConfig:
     """The RL sub-tree of the root config."""
 
@@ -272,6 +313,7 @@ class RLConfig:
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
     system: SystemConfig = field(default_factory=SystemConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def validate(self, path: str) -> None:
         self.system.validate(f"{path}.system")
@@ -285,6 +327,8 @@ class RLConfig:
             task.validate(f"{path}.tasks[{i}]")
         self.distill.validate(f"{path}.distill")
         self._check_distillation(path)
+        self.judge.validate(f"{path}.judge")
+        self.judge.check_tasks(f"{path}.judge", self.tasks)
 
     def _check_distillation(self, path: str) -> None:
         """advantage = "opd" and [rl.distill] teachers come together, at temperature 1, every task routed."""

@@ -23,7 +23,8 @@ Faults: a rollout worker whose connection closes or which is silent for
 heartbeat_timeout_s is declared dead; its in-flight prompts are reissued (new
 attempt ids; late samples of the old attempt are discarded), and the next
 weight push uses a new group without it. A dead reward worker's samples are
-rescored elsewhere, and a dead teacher's by another teacher of its alias.
+rescored elsewhere, a dead teacher's by another teacher of its alias, and a
+dead judge's ([rl.judge], judge/routing.py) by another judge.
 A dead trainer ends the run (exit 1): its state is the model, which only a
 checkpoint restores.
 """
@@ -49,6 +50,7 @@ from megatron_ernie.rl.control import (Failure, Hello, LockedChannel, RolloutSta
                                        StepDone, SyncDone, SyncPlan, TeacherReady, TeacherStats, TrainBatch)
 from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, Sample, ScoredSample, Shutdown,
                                         WeightsReady)
+from megatron_ernie.rl.judge.routing import JUDGE_ALIAS, judge_pool
 from megatron_ernie.rl.reward.worker import score_sample
 
 log = logging.getLogger("megatron_ernie.rl.controller")
@@ -155,6 +157,8 @@ class Counters:
     reward_failures: int = 0
     teachers_died: int = 0
     teacher_rescored: int = 0  # samples sent to another teacher after theirs died
+    judges_died: int = 0
+    judge_rescored: int = 0  # samples sent to another judge after theirs died
 
 
 # --------------------------------------------------------------- controller
@@ -191,6 +195,7 @@ class Controller:
         self.saving: dict | None = None
         self.tokenizer_sha256 = tokenizer.sha256
         self.teachers = self._teacher_pool(cfg.rl.distill, system)
+        self.judges = judge_pool(cfg.rl.judge, system)
         self._new_connections: queue.Queue = queue.Queue()
         threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
 
@@ -254,6 +259,8 @@ class Controller:
             self.sync_needed = self.latest_ready is not None
         elif peer.role == "teacher":
             self._teacher_joined(peer)
+        elif peer.role == "judge":
+            self._judge_joined(peer)
         self.metrics.roles([_peer_record(p) for p in self.peers])
 
     def _poll(self, timeout_s: float) -> None:
@@ -276,8 +283,9 @@ class Controller:
             if peer.alive and now - peer.last_seen > self.system.heartbeat_timeout_s:
                 self._on_dead(peer, f"no heartbeat for {now - peer.last_seen:.1f} s")
         self._check_rollouts_left(now)
-        if self.teachers is not None and not self._failure:
-            self._failure = self.teachers.stalled(now, self.peers)
+        for pool in (self.teachers, self.judges):
+            if pool is not None and not self._failure:
+                self._failure = pool.stalled(now, self.peers)
 
     def _check_rollouts_left(self, now: float) -> None:
         """Every rollout worker that joined is gone: wait a while for a replacement, then give up."""
@@ -294,9 +302,10 @@ class Controller:
         handler = {
             Heartbeat: lambda m: None,
             Sample: lambda m: self._on_sample(peer, m),
-            ScoredSample: lambda m: (self._on_taught if peer.role == "teacher" else self._on_scored)(peer, m),
+            ScoredSample: lambda m: {"teacher": self._on_taught, "judge": self._on_judged}.get(
+                peer.role, self._on_scored)(peer, m),
             TeacherReady: lambda m: self._on_teacher_ready(peer, m),
-            TeacherStats: self.metrics.teacher,
+            TeacherStats: lambda m: self.metrics.teacher(m) if peer.role == "teacher" else None,
             RolloutStats: lambda m: self.metrics.rollout(peer.rank, m),
             WeightsReady: self._on_weights_ready,
             SyncDone: lambda m: self._on_sync_done(peer, m),
@@ -339,6 +348,12 @@ class Controller:
         if sample.prompt_id not in self.pending:
             self.counters.samples_discarded += 1
             return
+        if self.judges is not None and self.judges.judges(scored):
+            self._route(self.judges, scored)  # comes back with the judge's score (_on_judged)
+            return
+        self._after_reward(scored)
+
+    def _after_reward(self, scored: ScoredSample) -> None:
         if self.teachers is not None:
             self._teach(scored)  # joins its group when the teacher's log-probs are back
             return
@@ -362,26 +377,55 @@ class Controller:
         peer.alias = alias_for_rank(self.cfg.rl.distill, peer.rank)
         self.teachers.joined.add(peer.alias)
 
+    def _judge_joined(self, peer: Peer) -> None:
+        if self.judges is None:
+            log.warning(f"{peer.name} joined but rl.judge has no checkpoint; it gets no samples")
+            return
+        peer.alias = JUDGE_ALIAS
+        self.judges.joined.add(JUDGE_ALIAS)
+
+    def _on_judged(self, peer: Peer, scored: ScoredSample) -> None:
+        """A judge's answer: the sample's reward is now p_judge("y"), its rubric reward kept beside it."""
+        sample = scored.sample
+        key = (sample.prompt_id, sample.sample_index)
+        if key in peer.in_flight and (scored.rubric_reward is None or not 0.0 <= scored.reward <= 1.0):
+            self._on_dead(peer, f"returned a sample without its rubric reward or with reward {scored.reward} "
+                                "outside [0, 1]")  # its samples, this one included, go to another judge
+            return
+        if peer.in_flight.pop(key, None) is None or sample.prompt_id not in self.pending:
+            self.counters.samples_discarded += 1
+            return
+        self._after_reward(scored)
+
+    def _pool(self, peer: Peer):
+        return self.judges if peer.role == "judge" else self.teachers
+
     def _on_teacher_ready(self, peer: Peer, ready: TeacherReady) -> None:
-        if self.teachers is None or ready.alias != peer.alias or ready.tokenizer_sha256 != self.tokenizer_sha256:
+        """A teacher's (or judge's) model is loaded: route its waiting samples to it."""
+        pool = self._pool(peer)
+        if pool is None or ready.alias != peer.alias or ready.tokenizer_sha256 != self.tokenizer_sha256:
             self._failure = (f"{peer.name} serves alias {ready.alias!r} from {ready.checkpoint} (tokenizer sha256 "
                              f"{ready.tokenizer_sha256[:12]}), expected alias {peer.alias!r} with the run's tokenizer "
                              f"(sha256 {self.tokenizer_sha256[:12]}): start every role from the same config")
             return
         peer.ready = True
-        log.info(f"{peer.name} serves teacher {ready.alias!r} from {ready.checkpoint}")
-        for scored in self.teachers.take_waiting(peer.alias):
-            self._teach(scored)
+        log.info(f"{peer.name} serves {peer.role} {ready.alias!r} from {ready.checkpoint}")
+        for scored in pool.take_waiting(peer.alias):
+            self._route(pool, scored)
 
     def _teach(self, scored: ScoredSample) -> None:
         """Send a reward-scored sample to a teacher of its task's alias (or let it wait for one)."""
-        teacher = self.teachers.pick(self.teachers.alias_of(scored), self.peers)
-        if teacher is None:
-            self.teachers.wait(scored)
+        self._route(self.teachers, scored)
+
+    def _route(self, pool, scored: ScoredSample) -> None:
+        """Send a sample to the next ready peer of `pool` serving its alias (or let it wait for one)."""
+        peer = pool.pick(pool.alias_of(scored), self.peers)
+        if peer is None:
+            pool.wait(scored)
             return
-        teacher.in_flight[(scored.sample.prompt_id, scored.sample.sample_index)] = scored
-        if not teacher.send(scored):
-            self._on_dead(teacher, "send failed")
+        peer.in_flight[(scored.sample.prompt_id, scored.sample.sample_index)] = scored
+        if not peer.send(scored):
+            self._on_dead(peer, "send failed")
 
     def _on_taught(self, peer: Peer, scored: ScoredSample) -> None:
         sample = scored.sample
@@ -533,7 +577,7 @@ class Controller:
         except OSError:
             pass
         {"rollout": self._rollout_died, "reward": self._reward_died, "trainer": self._trainer_died,
-         "teacher": self._teacher_died}.get(
+         "teacher": self._teacher_died, "judge": self._judge_died}.get(
             peer.role, lambda p: None)(peer)
         self.metrics.roles([_peer_record(p) for p in self.peers])
 
@@ -562,6 +606,16 @@ class Controller:
         self.counters.teacher_rescored += len(lost)
         for scored in lost:
             self._teach(scored)
+
+    def _judge_died(self, peer: Peer) -> None:
+        if self.judges is None or not peer.alias:
+            return
+        self.counters.judges_died += 1
+        self.judges.last_death[peer.alias] = f"{peer.name} (pid {peer.pid}): {peer.death}"
+        lost, peer.in_flight = list(peer.in_flight.values()), {}
+        self.counters.judge_rescored += len(lost)
+        for scored in lost:
+            self._route(self.judges, scored)
 
     def _trainer_died(self, peer: Peer) -> None:
         log.error("the trainer died: stopping the run; restart it to resume from the last checkpoint")

@@ -8,8 +8,9 @@ controller and starts every other role as a child process on this machine:
 engines, --reward-workers reward processes (defaults from [rl.system]), and
 with [rl.distill] teachers --teacher-workers teacher processes PER ALIAS
 (process r serves the (r mod #aliases)-th alias in sorted order, so every
-alias gets the same count; rl/teacher/). Teacher checkpoints are checked
-before any process starts (exit 2 naming rl.distill.teachers.<alias>).
+alias gets the same count; rl/teacher/), and with [rl.judge] --judge-workers
+judge processes (rl/judge/). Teacher and judge checkpoints are checked before
+any process starts (exit 2 naming rl.distill.teachers.<alias> or rl.judge.checkpoint).
 
 With a role (slurm/rl_hetjob.sbatch exports ERNIE_HET_ROLES; each het group
 runs one role; launch/rl_local.sh sets ERNIE_ROLE), the process runs that role
@@ -37,7 +38,7 @@ from megatron_ernie.rl.control import ADDRESS_ENV, AUTHKEY_ENV, RANK_ENV, authke
 from megatron_ernie.rl.system import SystemConfig, system_config
 
 log = logging.getLogger("megatron_ernie.rl")
-ROLE_CHOICES = ("controller", "trainer", "rollout", "reward", "teacher")
+ROLE_CHOICES = ("controller", "trainer", "rollout", "reward", "teacher", "judge")
 _CONTROLLER_PORT_OFFSET = 64  # from the job's torch master port; het groups use +1..+k
 
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-workers", type=int, help="local launch: reward processes ([rl.system])")
     p.add_argument("--teacher-workers", type=int,
                    help="local launch: teacher processes per [rl.distill] alias ([rl.system] teacher_workers)")
+    p.add_argument("--judge-workers", type=int,
+                   help="local launch: judge processes with [rl.judge] ([rl.system] judge_workers)")
     return p
 
 
@@ -77,7 +80,8 @@ def load_config(args) -> tuple[C.ErnieConfig, SystemConfig]:
     C.validate(cfg)
     system = build(SystemConfig, raw_system, "rl.system") if raw_system else system_config(cfg)
     changes = {k: v for k, v in (("rollout_workers", args.rollout_workers), ("reward_workers", args.reward_workers),
-                                 ("teacher_workers", args.teacher_workers)) if v is not None}
+                                 ("teacher_workers", args.teacher_workers),
+                                 ("judge_workers", args.judge_workers)) if v is not None}
     system = dataclasses.replace(system, **changes)
     system.validate("rl.system")
     system.check_fp8(cfg.fp8, "rl.system")
@@ -162,6 +166,10 @@ def run_role(role: str, rank: int, cfg, system, dist_env=None) -> int:
         from megatron_ernie.rl.teacher.serve import run_teacher
 
         return run_teacher(cfg, system, rank, address, authkey)
+    if role == "judge":
+        from megatron_ernie.rl.judge.serve import run_judge
+
+        return run_judge(cfg, system, rank, address, authkey)
     from megatron_ernie.rl.reward.serve import run_reward
 
     return run_reward(cfg, system, rank, address, authkey)
@@ -210,7 +218,8 @@ def _child_argv(argv: list[str]) -> list[str]:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--trainer-procs", "--rollout-workers", "--reward-workers", "--teacher-workers", "--role"):
+        if name in ("--trainer-procs", "--rollout-workers", "--reward-workers", "--teacher-workers", "--judge-workers",
+                    "--role"):
             skip = "=" not in arg
             continue
         out.append(arg)
@@ -242,7 +251,9 @@ def launch_local(argv: list[str], cfg, system, trainer_procs: int) -> int:
         children.append(subprocess.Popen(command + ["--role", "trainer"], env=env))
     rollout_world = _rollout_world_env(system)
     teachers = system.teacher_workers * len(cfg.rl.distill.aliases)
-    for role, count in (("rollout", system.rollout_workers), ("reward", system.reward_workers), ("teacher", teachers)):
+    judges = system.judge_workers if cfg.rl.judge.enabled else 0
+    for role, count in (("rollout", system.rollout_workers), ("reward", system.reward_workers), ("teacher", teachers),
+                        ("judge", judges)):
         for rank in range(count):
             env = {**base, RANK_ENV: str(rank), **(rollout_world(rank) if role == "rollout" else {})}
             children.append(subprocess.Popen(command + ["--role", role], env=env))
@@ -301,6 +312,9 @@ def main(argv=None) -> int:
             from megatron_ernie.rl.teacher.checkpoints import check_teachers
 
             check_teachers(cfg, agent=system.agent_max_turns > 1)
+            from megatron_ernie.rl.judge.checkpoints import check_judge
+
+            check_judge(cfg, agent=system.agent_max_turns > 1)
         if role is None:
             return launch_local(argv, cfg, system, args.trainer_procs or 1)
         return run_role(role, rank, cfg, system, dist_env)

@@ -42,6 +42,9 @@ def latest_state(run_dir: str) -> dict | None:
     return json.loads((root / latest.read_text().strip()).read_text())
 
 
+from megatron_ernie.rl.judge.routing import judge_metrics  # noqa: E402 - light, no torch
+
+
 class RunMetrics:
     def __init__(self, run_dir: str, tensorboard: bool = True):
         self.dir = Path(run_dir) / "rl"
@@ -102,6 +105,7 @@ class RunMetrics:
             count = sum(s.teacher == alias and s.sample.task == task for s in samples)
             out[f"teacher/{alias}/batch_samples"] = out.get(f"teacher/{alias}/batch_samples", 0) + count
             out[f"teacher/{alias}/task_{task}"] = count  # routing: only routes[task] == alias may appear
+        out.update(judge_metrics(samples))  # [rl.judge]: judge score next to the rubric (rl/judge/routing.py)
         self._batch = out
 
     def _rollout_rates(self) -> dict:

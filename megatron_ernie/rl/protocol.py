@@ -206,6 +206,9 @@ class ScoredSample(Message):
     teacher_full: float32 [response tokens, V], the teacher's whole log-softmax row at
       temperature 1 over the tokenizer's real vocabulary V (padding cut), payload "full".
     Environment tokens get rows too; the trainer masks them.
+    With a learned judge ([rl.judge], rl/judge/) the judge replaces `reward` by its
+    score p_judge("y" | prompt + response) and keeps the verifier's reward here:
+    rubric_reward: the task's own (rubric) reward of a judged sample, None otherwise.
     """
 
     sample: Sample
@@ -215,9 +218,13 @@ class ScoredSample(Message):
     teacher: str = ""
     teacher_logprobs: np.ndarray | None = None
     teacher_full: np.ndarray | None = None
+    rubric_reward: float | None = None
 
     def __post_init__(self):
         _check(isinstance(self.sample, Sample), "ScoredSample", "sample", self.sample, "a Sample")
+        if self.rubric_reward is not None:
+            _scalar("ScoredSample", "rubric_reward", self.rubric_reward, float)
+            object.__setattr__(self, "rubric_reward", float(self.rubric_reward))
         _scalar("ScoredSample", "reward", self.reward, float)
         object.__setattr__(self, "reward", float(self.reward))
         _check(self.status in REWARD_STATUSES, "ScoredSample", "status", self.status, f"one of {REWARD_STATUSES}")

@@ -54,6 +54,8 @@ class SystemConfig:
     teacher_dtype: precision of the teachers' forward pass ("fp32": exact log-probs; "bf16": cheaper,
       ~1e-2 nats of noise in the distillation signal).
     teacher_batch_samples: samples a teacher scores together in one forward pass.
+    judge_workers: with [rl.judge], judge processes a local launch starts (`ernie rl --judge-workers N`;
+      on Slurm: the judge group's tasks); they share teacher_dtype and teacher_batch_samples.
     """
 
     prompts_per_step: int = 4
@@ -72,11 +74,12 @@ class SystemConfig:
     teacher_workers: int = 1
     teacher_dtype: str = "fp32"
     teacher_batch_samples: int = 32
+    judge_workers: int = 1
     controller_port: int = 0  # 0: derived from the job id (Slurm) or chosen free (local)
 
     def validate(self, path: str) -> None:
         for name in ("prompts_per_step", "rollout_workers", "rollout_tensor", "rollout_batch_prompts",
-                     "agent_max_turns", "teacher_workers", "teacher_batch_samples"):
+                     "agent_max_turns", "teacher_workers", "teacher_batch_samples", "judge_workers"):
             _int_at_least(path, name, getattr(self, name), 1)
         self.rollout_replicas(self.rollout_workers, path)
         _int_at_least(path, "reward_workers", self.reward_workers, 0)

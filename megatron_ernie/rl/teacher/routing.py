@@ -24,6 +24,8 @@ from collections import deque
 
 
 class TeacherPool:
+    role = "teacher"  # the Peer.role this pool routes to (judge/routing.py reuses the pool for judges)
+
     def __init__(self, distill, patience_s: float, startup_patience_s: float):
         self.routes = dict(distill.routes)
         self.aliases = distill.aliases
@@ -39,7 +41,7 @@ class TeacherPool:
 
     def pick(self, alias: str, peers) -> object | None:
         """The next ready, live teacher of `alias` in round-robin order, or None."""
-        ready = [p for p in peers if p.role == "teacher" and p.alive and p.ready and p.alias == alias]
+        ready = [p for p in peers if p.role == self.role and p.alive and p.ready and p.alias == alias]
         if not ready:
             return None
         peer = ready[self._turn[alias] % len(ready)]
@@ -59,7 +61,7 @@ class TeacherPool:
     def stalled(self, now: float, peers) -> str:
         """Why the run must stop ("" when it need not): samples wait and no teacher of their alias lives."""
         for alias in self.aliases:
-            if not self._waiting[alias] or any(p.role == "teacher" and p.alive and p.alias == alias for p in peers):
+            if not self._waiting[alias] or any(p.role == self.role and p.alive and p.alias == alias for p in peers):
                 self._unserved_since.pop(alias, None)
                 continue
             since = self._unserved_since.setdefault(alias, now)

@@ -1,0 +1,64 @@
+"""The judge's checkpoint, checked before any process starts (the launcher) and again by each judge.
+
+Like a teacher (teacher/checkpoints.py), the judge reads the policy's token
+ids through text, so it must be a complete checkpoint of this project with
+config.toml and a tokenizer.json hashing equal to the run's tokenizer
+(require_same_tokenizer), long enough for the policy's sequences, and able
+to write its verdicts "y"/"n" as single tokens. Every failure is a
+ConfigError naming rl.judge.checkpoint (exit 2 at launch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_ernie.config.errors import ConfigError
+
+FIELD = "rl.judge.checkpoint"
+
+
+@dataclass(frozen=True)
+class JudgeCheckpoint:
+    path: Path  # the resolved iter_N directory
+    tokenizer_sha256: str
+
+
+def resolve_judge(cfg, run_tokenizer: str) -> JudgeCheckpoint:
+    """The checked judge checkpoint of cfg.rl.judge."""
+    from megatron_ernie.checkpoint.store import CheckpointError
+    from megatron_ernie.data.tokenizer import require_same_tokenizer, tokenizer_hash
+    from megatron_ernie.rl.rollout.checkpoint_engine import (CONFIG_FILE, TOKENIZER_FILE, checkpoint_config,
+                                                             checkpoint_tokenizer, resolve_checkpoint)
+
+    given = cfg.rl.judge.checkpoint
+    try:
+        ckpt = resolve_checkpoint(given, FIELD)
+    except CheckpointError as exc:
+        raise ConfigError(FIELD, given, f"{exc}") from None
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
+        if not (ckpt / name).is_file():
+            raise ConfigError(FIELD, given, f"{ckpt / name} is missing: a judge checkpoint carries the model "
+                                            "config and the tokenizer it was trained with next to its weights")
+    require_same_tokenizer(run_tokenizer, str(ckpt / TOKENIZER_FILE), FIELD)
+    judge_cfg = checkpoint_config(ckpt)
+    if judge_cfg.model.seq_length < cfg.model.seq_length:
+        raise ConfigError(FIELD, str(ckpt), f"its model.seq_length = {judge_cfg.model.seq_length} is shorter than "
+                                            f"the policy's model.seq_length = {cfg.model.seq_length}: it cannot "
+                                            "read whole samples; use a judge trained at that length")
+    from megatron_ernie.rl.judge.data import VERDICT_NO, VERDICT_YES
+    from megatron_ernie.rl.judge.scorer import verdict_id
+
+    tokenizer = checkpoint_tokenizer(ckpt, FIELD)
+    for verdict in (VERDICT_YES, VERDICT_NO):
+        verdict_id(tokenizer, verdict, FIELD)
+    return JudgeCheckpoint(ckpt, tokenizer_hash(str(ckpt / TOKENIZER_FILE), FIELD))
+
+
+def check_judge(cfg, agent: bool = False) -> JudgeCheckpoint | None:
+    """The judge of [rl.judge], checked (None without one); the launcher calls it before any child starts."""
+    from megatron_ernie.rl.teacher.checkpoints import run_tokenizer_file
+
+    if not cfg.rl.judge.enabled:
+        return None
+    return resolve_judge(cfg, run_tokenizer_file(cfg, agent))
