@@ -156,13 +156,13 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
     baseline = plan(baseline_pipeline(pipeline), seed_dir)[1]
     manifest = Manifest(seed_dir / "manifest.json")
     if not manifest.is_done(baseline.name, baseline.config_hash, baseline.output):
+        baseline.write_config()
         run_group([baseline], manifest, 1)
     print(f"[bench] {seed_dir.name}: stages done in {time.time() - started:.0f} s; scoring", flush=True)
-    tasks = eval_plan(stages)
-    scored = {}
+    tasks, scored = eval_plan(stages), {}
     for stage in [*stages, baseline]:
-        name = BASELINE if stage is baseline else stage.name
-        scored[name] = score_stage(stage, tasks, args.prompts, args.samples)
+        scored[BASELINE if stage is baseline else stage.name] = score_stage(stage, tasks, args.prompts, args.samples)
+        (seed_dir / "scores.json").write_text(json.dumps(scored, indent=1) + "\n")  # partial results survive
     samples = {("baseline" if s is baseline else s.name): samples_of(s) for s in [*stages[1:], baseline]}
     print(f"[bench] {seed_dir.name}: done in {time.time() - started:.0f} s", flush=True)
     return {"scores": scored, "samples": samples}
@@ -201,7 +201,7 @@ def targets(table: dict, experts: dict[str, list[str]], verifiable: list[str]) -
     avg = {stage: sum(row[t] for t in verifiable) / len(verifiable) for stage, row in mean.items()}
     lines = []
     for name, tasks in experts.items():
-        for task in tasks:
+        for task in tasks if f"experts/{name}" in mean and "sft" in mean else ():
             gain = mean[f"experts/{name}"][task] - mean["sft"][task]
             lines.append(_verdict(f"expert {name} gain over SFT on {task}", gain, gain >= 10, ">= 10 points"))
             if "opd" in mean:
@@ -209,7 +209,7 @@ def targets(table: dict, experts: dict[str, list[str]], verifiable: list[str]) -
                 frac = got / gain if gain > 0 else float("nan")
                 lines.append(_verdict(f"OPD recovers of {name}'s gain on {task}", 100 * frac, frac >= 0.6,
                                       f">= 60% (OPD {got:+.1f} of {gain:+.1f} points)", unit="%"))
-    if "opd" in avg:
+    if "opd" in avg and all(f"experts/{n}" in avg for n in experts):
         best = max(avg[f"experts/{n}"] for n in experts)
         lines.append(_verdict("OPD average minus best expert average", avg["opd"] - best, avg["opd"] > best, "> 0"))
     if "general" in mean and "opd" in mean:
@@ -246,13 +246,13 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds (>= 2 for a spread)")
     p.add_argument("--out", default=str(ROOT / "runs" / "posttrain-bench"))
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps per stage, 8 prompts")
-    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 48, quick 8)")
-    p.add_argument("--samples", type=int, default=2, help="T=1 samples per prompt")
+    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 32, quick 8)")
+    p.add_argument("--samples", type=int, default=1, help="T=1 samples per prompt")
     p.add_argument("--evaluate-one", default="", help=argparse.SUPPRESS)
     p.add_argument("--plan", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.prompts = args.prompts or (8 if args.quick else 48)
+    args.prompts = args.prompts or (8 if args.quick else 32)
     return args
 
 
