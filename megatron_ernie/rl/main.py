@@ -101,6 +101,20 @@ def check_lengths(cfg) -> None:
                           "lower it or raise model.seq_length")
 
 
+def check_tasks_and_tokenizer(cfg, system, tokenizer: bool = True) -> None:
+    """Resolve every task (importing user `module`s) and, in the launcher or controller, the run's tokenizer
+    (data.tokenizer or the one inside checkpoint.load) before any process starts. A mistake then costs one
+    message and exit 2 from the launcher, instead of surfacing in the controller after every child has
+    started (and been waited on). Every role resolves the tasks too: a Slurm task fails at once, by itself."""
+    from megatron_ernie.rl.task_tokenizer import tokenizer_for
+    from megatron_ernie.rl.tasks import resolve_task
+
+    for i, task in enumerate(cfg.rl.tasks):
+        resolve_task(task, f"rl.tasks[{i}]")
+    if tokenizer:
+        tokenizer_for(cfg, agent=system.agent_max_turns > 1)
+
+
 # -------------------------------------------------------------- addresses
 def _slurm_controller_host(dist_env) -> str | None:
     from megatron_ernie.runtime.env import expand_hostlist
@@ -257,14 +271,17 @@ def launch_local(argv: list[str], cfg, system, trainer_procs: int) -> int:
         for rank in range(count):
             env = {**base, RANK_ENV: str(rank), **(rollout_world(rank) if role == "rollout" else {})}
             children.append(subprocess.Popen(command + ["--role", role], env=env))
+    code = 1
     try:
         from megatron_ernie.observe.console import setup_logging
 
         setup_logging(cfg.log.level, True)
         code = run_controller(cfg, system, listener, "127.0.0.1", _expected_rollouts(system, None),
-                              watch=lambda controller: _watch_trainers(children[:trainer_procs], controller))
+                              watch=lambda controller: _watch_children(children, trainer_procs, controller))
     finally:
-        _reap(children)
+        from megatron_ernie.runtime.env import EXIT_REQUEUE
+
+        _reap(children, grace_s=_REAP_GRACE_S if code in (0, EXIT_REQUEUE) else _FAIL_GRACE_S)
     return code
 
 
@@ -277,27 +294,46 @@ def _rollout_world_env(system):
                          "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
-def _watch_trainers(trainers, controller) -> None:
-    """A trainer process that exits before the run ends fails the run (it may never have connected)."""
+def _watch_children(children, trainer_procs: int, controller) -> None:
+    """Stop the run at once when a child cannot run: a trainer process that exits before the run ends
+    (it may never have connected), or any role that exits with 2 (a config error at start-up). Other
+    roles that die are the controller's business (rollouts are retried elsewhere)."""
     import threading
 
     def watch():
         while not controller.finished:
-            for child in trainers:
-                if child.poll() is not None:
-                    controller.fail(f"trainer process {child.pid} exited with code {child.returncode}")
+            for index, child in enumerate(children):
+                code = child.poll()
+                if code is not None and (index < trainer_procs or code == 2):
+                    role = "trainer" if index < trainer_procs else "role"
+                    controller.fail(f"{role} process {child.pid} exited with code {code}")
                     return
             time.sleep(0.5)
 
-    threading.Thread(target=watch, name="watch-trainers", daemon=True).start()
+    threading.Thread(target=watch, name="watch-children", daemon=True).start()
 
 
-def _reap(children, timeout_s: float = 60.0) -> None:
+_REAP_GRACE_S = 60.0  # a finished (or requeued) run: children leave on the controller's shutdown message
+_FAIL_GRACE_S = 5.0  # a failed run: nothing left to wait for
+
+
+def _reap(children, grace_s: float = _REAP_GRACE_S) -> None:
+    """Wait for the children `grace_s` in all (one deadline, not one per child), then SIGTERM what is
+    left and SIGKILL what ignores that. After a failure the grace is short: the others are stopped at once."""
+    deadline = time.monotonic() + grace_s
     for child in children:
         try:
-            child.wait(timeout=timeout_s)
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning(f"child {child.pid} did not exit; killing it")
+            pass
+    left = [c for c in children if c.poll() is None]
+    for child in left:
+        log.warning(f"child {child.pid} did not exit; stopping it")
+        child.terminate()
+    for child in left:
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
 
@@ -308,6 +344,7 @@ def main(argv=None) -> int:
     try:
         cfg, system = load_config(args)
         role, rank, dist_env = _role_from_env(args)
+        check_tasks_and_tokenizer(cfg, system, tokenizer=role in (None, "controller"))
         if role in (None, "controller"):  # before any process starts; teachers check again themselves
             from megatron_ernie.rl.teacher.checkpoints import check_teachers
 
