@@ -38,7 +38,7 @@ from multiprocessing.connection import Client, Listener
 from megatron_ernie.rl.protocol import Message, ScoredSample, WeightsReady, _check, _scalar
 from megatron_ernie.rl.transport import PipeChannel
 
-ROLES = ("controller", "trainer", "rollout", "reward", "teacher")
+ROLES = ("controller", "trainer", "rollout", "reward", "teacher", "judge")
 ADDRESS_ENV, AUTHKEY_ENV, RANK_ENV = "ERNIE_RL_CONTROLLER", "ERNIE_RL_AUTHKEY", "ERNIE_RL_RANK"
 
 

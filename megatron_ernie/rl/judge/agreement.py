@@ -1,0 +1,93 @@
+"""How well a judge agrees with the rubric it was trained to predict, on held-out examples.
+
+Two numbers, as reward-model papers report them:
+  accuracy:    the share of examples where the judge's verdict (score >= 0.5)
+               equals the rubric's (rubric score >= threshold);
+  correlation: Pearson's r between the judge's score p("y") and the rubric
+               score, which also credits the judge for ranking partial answers
+               (2/3 right above 0 right) although it was trained on y/n only.
+A judge that agrees on held-out data can still be exploited by RL
+(over-optimisation): that is watched in the run (judge/score vs
+judge/rubric_reward), not here.
+
+    python -m megatron_ernie.rl.judge.agreement --checkpoint J --examples 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Agreement:
+    examples: int
+    accuracy: float
+    correlation: float  # nan when either side is constant
+    mean_score_yes: float  # the judge's mean score where the rubric says "y"
+    mean_score_no: float
+
+    def line(self) -> str:
+        return (f"judge-rubric agreement on {self.examples} held-out examples: accuracy {self.accuracy:.3f}, "
+                f"Pearson r {self.correlation:.3f}, mean p(y) {self.mean_score_yes:.3f} (rubric y) vs "
+                f"{self.mean_score_no:.3f} (rubric n)")
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def agreement(scores: Sequence[float], rubric: Sequence[float], threshold: float = 1.0) -> Agreement:
+    """Agreement of judge scores p(y) with rubric scores (the rubric says "y" iff score >= threshold)."""
+    if len(scores) != len(rubric) or not scores:
+        raise ValueError(f"need equally many judge scores and rubric scores (got {len(scores)} and {len(rubric)})")
+    rubric_yes = [r >= threshold for r in rubric]
+    hits = sum((s >= 0.5) == y for s, y in zip(scores, rubric_yes))
+    yes = [s for s, y in zip(scores, rubric_yes) if y]
+    no = [s for s, y in zip(scores, rubric_yes) if not y]
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return Agreement(len(scores), hits / len(scores), pearson(list(scores), list(rubric)), mean(yes), mean(no))
+
+
+def judge_agreement(scorer, tokenizer, examples, batch: int = 64) -> Agreement:
+    """Score JudgeExamples (judge/data.py) with a JudgeScorer and compare with their rubric scores."""
+    from megatron_ernie.rl.judge.data import judge_text
+    from megatron_ernie.rl.judge.scorer import yes_probabilities
+
+    scores = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        inputs = [tokenizer.encode(judge_text(e.prompt, e.response))[: scorer.max_seq_length] for e in chunk]
+        scores += yes_probabilities(scorer.model, inputs, scorer.yes_id, tokenizer.vocab_size,
+                                    tokenizer.pad_id).tolist()
+    return agreement(scores, [e.rubric for e in examples])
+
+
+def main(argv=None) -> int:
+    from megatron_ernie.config.rl import TaskConfig
+    from megatron_ernie.rl.judge.data import FIRST_INDEX, judge_examples
+    from megatron_ernie.rl.judge.scorer import load_judge
+
+    p = argparse.ArgumentParser(prog="python -m megatron_ernie.rl.judge.agreement", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--first-index", type=int, default=FIRST_INDEX + 1_000_000,
+                   help="first held-out index (default: far past any training index)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    scorer, tokenizer, _ = load_judge(args.checkpoint)
+    examples = judge_examples((TaskConfig(name="open_ended"),), args.first_index, args.examples, args.seed)
+    print(judge_agreement(scorer, tokenizer, examples).line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
