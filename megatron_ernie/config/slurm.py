@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from megatron_ernie.config.errors import ConfigError, require
 
 ROLES = ("trainer", "rollout", "reward", "teacher", "controller")
-GPU_ROLES = ("trainer", "rollout")  # these run megatron-core and need GPUs
+MODEL_ROLES = ("trainer", "rollout", "teacher")  # these run megatron-core: on GPUs, or on CPUs with gloo
 
 
 def parse_time_limit(text: str) -> int:
@@ -88,6 +88,12 @@ class SlurmConfig:
     teacher: GpuGroupConfig = field(default_factory=lambda: GpuGroupConfig(nodes=0))
     controller: HetGroupConfig = field(default_factory=HetGroupConfig)
 
+    def cpu_model_roles(self) -> list[str]:
+        """Roles that run the model on CPU-only nodes (gpus_per_node = 0): a CPU partition, or a small
+        run. Their tasks must not see a GPU (they use gloo and host memory), which the job tells them
+        through ERNIE_CPU_ROLES (rl/main.py hides the GPUs from those roles before torch looks)."""
+        return [role for role, group in self.groups() if role in MODEL_ROLES and group.gpus_per_node == 0]
+
     def groups(self) -> list[tuple[str, HetGroupConfig]]:
         """The RL groups that get nodes, in het-group order."""
         return [(role, getattr(self, role)) for role in ROLES if getattr(self, role).nodes > 0]
@@ -148,10 +154,6 @@ class SlurmConfig:
         for role in ("trainer", "rollout", "controller"):
             group = getattr(self, role)
             require(group.nodes >= 1, f"{path}.{role}.nodes", group.nodes, f"the {role} needs at least one node")
-        for role in GPU_ROLES + (("teacher",) if self.teacher.nodes else ()):
-            group = getattr(self, role)
-            require(group.gpus_per_node >= 1, f"{path}.{role}.gpus_per_node", group.gpus_per_node,
-                     f"the {role} runs the model and needs GPUs; set at least 1")
         used = sum(group.nodes for _, group in self.groups())
         sizes = " + ".join(f"{path}.{role}.nodes={group.nodes}" for role, group in self.groups())
         require(used <= self.nodes, f"{path}.nodes", self.nodes,

@@ -122,6 +122,7 @@ def rl_values(slurm: SlurmConfig, job: JobSpec) -> dict[str, str]:
                       + _sbatch_block(_group_options(slurm, group)))
     return {**_job_wide_values(slurm, job), "het_groups": "\n".join(blocks),
             "roles": ",".join(role for role, _ in groups), "het_group_ids": f"0-{len(groups) - 1}",
+            "cpu_roles": ",".join(slurm.cpu_model_roles()),
             "mpi": slurm.mpi}
 
 

@@ -147,6 +147,15 @@ def _role_from_env(args):
 
 
 # ------------------------------------------------------------------ roles
+def _hide_gpus_from_cpu_role(role) -> None:
+    """A role whose Slurm het group has no GPUs (ERNIE_CPU_ROLES, from slurm.<role>.gpus_per_node = 0) runs
+    on CPU: with no visible GPU torch picks gloo and host memory, as on a CPU-only node, even where
+    the node has GPUs that Slurm did not give this group."""
+    cpu_roles = [r for r in os.environ.get("ERNIE_CPU_ROLES", "").split(",") if r]
+    if role in cpu_roles:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def run_role(role: str, rank: int, cfg, system, dist_env=None) -> int:
     from megatron_ernie.observe.console import setup_logging
 
@@ -342,8 +351,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        cfg, system = load_config(args)
         role, rank, dist_env = _role_from_env(args)
+        _hide_gpus_from_cpu_role(role)  # before anything asks torch about CUDA
+        cfg, system = load_config(args)
         check_tasks_and_tokenizer(cfg, system, tokenizer=role in (None, "controller"))
         if role in (None, "controller"):  # before any process starts; teachers check again themselves
             from megatron_ernie.rl.teacher.checkpoints import check_teachers

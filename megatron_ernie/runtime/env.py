@@ -201,6 +201,14 @@ def _step_nodes(environ: Mapping[str, str]) -> tuple[list[str], list[int]]:
     return nodes, counts
 
 
+def _node_index(environ: Mapping[str, str], nodes: list[str]) -> int:
+    """This task's position in the step's node list. In a het step SLURM_NODEID counts nodes in het-group
+    order while the node list (and its task counts) is sorted by name: a group placed on a node that sorts
+    before an earlier group's would read another node's task count. The node's own name is exact."""
+    name = environ.get("SLURMD_NODENAME", "")
+    return nodes.index(name) if name in nodes else _int(environ, "SLURM_NODEID", 0)
+
+
 def _het_groups(environ: Mapping[str, str], nodes: list[str], counts: list[int]):
     """[(group index, first host, task count)] for the groups this step runs on, in order."""
     tasks_on = dict(zip(nodes, counts))
@@ -252,7 +260,7 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
     nodes, counts = _step_nodes(environ)
     if sum(counts) != world:
         raise ConfigError("SLURM_STEP_TASKS_PER_NODE", counts, f"adds up to {sum(counts)}, not SLURM_NTASKS={world}")
-    node = _int(environ, "SLURM_NODEID", 0)
+    node = _node_index(environ, nodes)
     _check_rank("SLURM_NODEID", node, "the step's node count", len(nodes))
     local_rank, local_world = _int(environ, "SLURM_LOCALID", 0), counts[node]
     _check_rank("SLURM_LOCALID", local_rank, "the tasks on this node", local_world)

@@ -109,7 +109,6 @@ def test_dry_run_renders_rl_hetjob_groups(tmp_path, capsys):
 @pytest.mark.parametrize("kind, overrides, message", [
     ("rl", ["slurm.nodes=60"], "slurm.nodes = 60: the het groups need 64 nodes (slurm.trainer.nodes=32 + "
                                "slurm.rollout.nodes=24 + slurm.reward.nodes=7 + slurm.controller.nodes=1)"),
-    ("rl", ["slurm.trainer.gpus_per_node=0"], "slurm.trainer.gpus_per_node = 0: the trainer runs the model"),
     ("rl", ["slurm.controller.nodes=0"], "slurm.controller.nodes = 0: the controller needs at least one node"),
     ("rl", ["slurm.time='00:04:00'"], "slurm.signal_lead_s = 300: must be >= 0 and shorter than slurm.time"),
     ("rl", ["slurm.time='soon'"], "slurm.time = 'soon': use a Slurm time"),
