@@ -18,8 +18,16 @@ DIR=${ERNIE_SLURM_DIR:-/tmp/ernie-slurm}
 NODES=${ERNIE_SLURM_NODES:-4}
 CPUS=${ERNIE_SLURM_CPUS:-4}           # per virtual node (more than the host has: config_overrides)
 GPUS=${ERNIE_SLURM_GPUS:-2}           # count-only "gpu" GRES per node, so GPU templates can be submitted
-PORT=${ERNIE_SLURM_PORT:-16817}       # slurmctld; slurmd n_i listens on PORT+i
-HOSTS_TAG="# ernie-slurm-test"
+# Several clusters may share a host (one per checkout or CI job): each takes a slot 0..15 (0 for the
+# default DIR, else from a hash of DIR; ERNIE_SLURM_SLOT picks one) that gives it its own ports: the
+# daemons' (PORT, PORT+1..PORT+NODES) and, through its first job id, the ports jobs derive from their
+# job id (runtime/env.py: 20000 + id mod 20000, plus small offsets per het group): 1250 ids per slot.
+if [[ -n ${ERNIE_SLURM_SLOT:-} ]]; then SLOT=$ERNIE_SLURM_SLOT
+elif [[ $DIR == /tmp/ernie-slurm ]]; then SLOT=0
+else SLOT=$((1 + $(printf '%s' "$DIR" | cksum | cut -d' ' -f1) % 15)); fi
+PORT=${ERNIE_SLURM_PORT:-$((16817 + SLOT * 32))}   # slurmctld; slurmd n_i listens on PORT+i
+FIRST_JOB_ID=$((SLOT * 1250 + 1))
+HOSTS_TAG="# ernie-slurm-test $DIR"   # this cluster's own /etc/hosts line: `stop` removes only it
 PACKAGES=(slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev libpmix-dev)
 
 log() { echo "[slurm_cluster] $*" >&2; }
@@ -77,6 +85,7 @@ write_config() {
   for i in $(seq 1 "$NODES"); do mkdir -p "$DIR/spool/n$i" "$DIR/tmp/n$i"; done
   cat > "$DIR/etc/slurm.conf" <<CONF
 ClusterName=ernie-test
+FirstJobId=$FIRST_JOB_ID
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$PORT
 SlurmUser=root
@@ -130,15 +139,19 @@ ENV
 }
 
 # Virtual node names must resolve (they are the "first host" a job's ranks rendezvous on).
+# Every cluster adds its own line (same names, all 127.0.0.1), so stopping one leaves the others'.
+# Lines are matched whole-tag at the end (a DIR that extends another's does not match it).
+has_hosts_entry() { awk -v tag="$HOSTS_TAG" 'substr($0, length($0) - length(tag) + 1) == tag { f = 1 } END { exit !f }' /etc/hosts; }
+
 add_hosts_entry() {
-  grep -q "$HOSTS_TAG" /etc/hosts && return
+  has_hosts_entry && return
   echo "127.0.0.1 $(seq -f 'n%g' -s ' ' 1 "$NODES") $HOSTS_TAG" >> /etc/hosts
 }
 
 remove_hosts_entry() {
-  grep -q "$HOSTS_TAG" /etc/hosts || return 0
+  has_hosts_entry || return 0
   local kept
-  kept=$(grep -v "$HOSTS_TAG" /etc/hosts)
+  kept=$(awk -v tag="$HOSTS_TAG" 'substr($0, length($0) - length(tag) + 1) != tag' /etc/hosts)
   printf '%s\n' "$kept" > /etc/hosts   # rewrite in place: /etc/hosts may be a bind mount
 }
 
