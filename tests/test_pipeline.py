@@ -205,3 +205,30 @@ def test_scoring_settings_are_validated(tmp_path, capsys):
     path = str(_write_pipeline(tmp_path))
     assert P.main(["--config", path, "--set", "pipeline.score.prompts=1", "--dry-run"]) == 2
     assert "pipeline.score.prompts" in capsys.readouterr().err
+
+
+def test_plan_has_a_judge_stage_whose_output_rewards_general_rl(tmp_path):
+    judge = '[pipeline.judge]\nconfig = "stage.toml"\ntasks = ["open_ended"]\nsteps = 6\n'
+    path = _write_pipeline(tmp_path, extra=judge)
+    stage = tmp_path / "stage.toml"
+    stage.write_text(stage.read_text().replace("[rl.system]", '[[rl.tasks]]\nname = "open_ended"\n[rl.system]'))
+    stages = {s.name: s for s in plan(*load_pipeline(str(path)))}
+    assert list(stages) == ["sft", "experts/arith", "experts/coder", "opd", "judge", "general"]
+    judge_stage, general = stages["judge"], stages["general"]
+    assert judge_stage.kind == "sft" and judge_stage.after == ("sft",) and judge_stage.tasks == ("open_ended",)
+    assert judge_stage.input == str(stages["sft"].output)  # the SFT model's weights and tokenizer
+    assert judge_stage.output == tmp_path / "out" / "judge" / "checkpoints" / "iter_0000006"
+    judge_cfg = C.load(judge_stage.write_config())
+    assert judge_cfg.sft.source == "judge" and judge_cfg.sft.error_fraction == 0
+    assert general.after == ("opd", "judge") and general.input == str(stages["opd"].output)
+    general_cfg = C.load(general.write_config())
+    assert general_cfg.rl.judge.checkpoint == str(judge_stage.output)
+    assert general_cfg.rl.judge.tasks == ("open_ended",)
+    assert {"open_ended", "arithmetic", "code"} <= set(general.tasks)  # verifiable domains mixed in
+    assert "open_ended" not in stages["opd"].tasks  # no expert owns it: OPD routes only expert domains
+
+
+def test_a_judge_stage_without_tasks_is_refused(tmp_path):
+    path = _write_pipeline(tmp_path, extra='[pipeline.judge]\nconfig = "stage.toml"\n')
+    with pytest.raises(ConfigError, match="pipeline.judge.tasks"):
+        load_pipeline(str(path))

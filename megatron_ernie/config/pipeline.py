@@ -2,7 +2,9 @@
 
 ERNIE 5.1's post-training runs SFT, then one RL expert per domain (each from
 the SFT model, in parallel), then multi-teacher on-policy distillation of the
-experts into the SFT model, then general online RL. This file only names the
+experts into the SFT model, then general online RL, whose open-ended tasks are
+rewarded by a learned judge (an SFT run on rubric-labelled verdicts,
+rl/judge/data.py, from the SFT model). This file only names the
 stages: each stage's own settings live in an ordinary run config (an `ernie
 sft` or `ernie rl` TOML) that the pipeline completes with what links the
 stages (the checkpoint it starts from, its run directory, its tasks, its
@@ -15,6 +17,7 @@ teachers) before anything starts.
     [pipeline.expert]   config = "rl.toml"   (shared by every expert)
     [[pipeline.experts]] name = "arith", tasks = ["arithmetic"], steps = 60
     [pipeline.opd]      config = "rl.toml", steps = 60
+    [pipeline.judge]    config = "sft.toml", steps = 300, tasks = ["open_ended"]   (optional)
     [pipeline.general]  config = "rl.toml", steps = 60, tasks = [...]
     [pipeline.score]    prompts = 32, samples = 2  (held-out evaluation of every stage's output)
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 from megatron_ernie.config.errors import ConfigError, require
 
-STAGES = ("sft", "experts", "opd", "general")
+STAGES = ("sft", "experts", "opd", "judge", "general")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 
@@ -103,6 +106,7 @@ class PipelineConfig:
     expert: StageConfig = field(default_factory=StageConfig)
     experts: tuple[ExpertConfig, ...] = ()
     opd: StageConfig = field(default_factory=StageConfig)
+    judge: StageConfig = field(default_factory=StageConfig)  # no config: general RL keeps the rubric rewards
     general: StageConfig = field(default_factory=StageConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
@@ -112,6 +116,9 @@ class PipelineConfig:
         self.sft.validate(f"{path}.sft")
         self.expert.validate(f"{path}.expert")
         self.opd.validate(f"{path}.opd")
+        self.judge.validate(f"{path}.judge", needed=False)
+        require(not self.judge.config or bool(self.judge.tasks), f"{path}.judge.tasks", list(self.judge.tasks),
+                "name the open-ended tasks the judge learns and scores in general RL, e.g. [\"open_ended\"]")
         self.general.validate(f"{path}.general")
         self.score.validate(f"{path}.score")
         require(bool(self.experts), f"{path}.experts", self.experts,

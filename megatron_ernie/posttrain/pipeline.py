@@ -98,7 +98,7 @@ def _finish(stage: Stage, code: int, manifest: Manifest, scorer) -> None:
             manifest.update(stage.name, status="failed", **record)
             raise StageFailed(f"stage {stage.name} changed the tokenizer of {stage.input}: every stage must keep "
                               "the ids of the checkpoint it starts from (do not set data.tokenizer in stage configs)")
-    if scorer is not None:
+    if scorer is not None and group_of(stage) != "judge":  # a judge answers y/n: the tasks do not score it
         record["scores"] = scorer(stage)
     manifest.update(stage.name, **record)
     print(f"[pipeline] {stage.name}: done -> {stage.output}", flush=True)

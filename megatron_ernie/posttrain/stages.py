@@ -76,9 +76,27 @@ def plan(pipeline: PipelineConfig, home: Path) -> list[Stage]:
     opd = _stage("opd", "rl", pipeline.opd, _with(pipeline.opd, pipeline.opd.steps, pipeline.opd.tasks or domains),
                  home, root / "opd", str(sft.output), tuple(s.name for s in experts),
                  _distill(teachers, pipeline.routes()))
+    judge = _judge_stage(pipeline, home, root, sft)
     general = _stage("general", "rl", pipeline.general, pipeline.general, home, root / "general",
-                     str(opd.output), ("opd",), {})
-    return [sft, *experts, opd, general]
+                     str(opd.output), ("opd",) + (("judge",) if judge else ()), _judged(judge))
+    return [sft, *experts, opd, *([judge] if judge else []), general]
+
+
+def _judge_stage(pipeline: PipelineConfig, home: Path, root: Path, sft: Stage) -> Stage | None:
+    """The learned judge: SFT from the SFT model (so it shares its tokenizer and its reading of the tasks)
+    on rubric-labelled verdicts for its tasks (`[sft] source = "judge"`, rl/judge/data.py)."""
+    if not pipeline.judge.config:
+        return None
+    stage = _with(pipeline.judge, pipeline.judge.steps, pipeline.judge.tasks)
+    return _stage("judge", "sft", pipeline.judge, stage, home, root / "judge", str(sft.output), ("sft",),
+                  {"sft": {"source": "judge", "error_fraction": 0.0}})
+
+
+def _judged(judge: Stage | None) -> dict:
+    """The [rl.judge] table of the general stage: the judge stage's output scores the judge's tasks."""
+    if judge is None:
+        return {}
+    return {"rl": {"judge": {"checkpoint": str(judge.output), "tasks": list(judge.tasks)}}}
 
 
 def _with(stage: StageConfig, steps: int, tasks, extra_set=()) -> StageConfig:
