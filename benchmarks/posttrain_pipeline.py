@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, also when the installed one is another copy
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
 DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "posttrain_bench.toml"
 BASELINE = "baseline"
 MODES = ("greedy", "sampled")
@@ -129,7 +132,7 @@ def score_stage(stage, plan: dict, prompts: int, samples: int) -> dict:
     command = [sys.executable, __file__, "--evaluate-one", str(stage.output), "--plan", json.dumps(plan),
                "--prompts", str(prompts), "--samples", str(samples), "--json", str(out)]
     with open(stage.run_dir / "bench_eval.log", "wb") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV).returncode != 0:
             raise RuntimeError(f"scoring {stage.name} failed; see {stage.run_dir / 'bench_eval.log'}")
     cached.write_text(key)
     return json.loads(out.read_text())
@@ -149,7 +152,7 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
     path.write_text(C.dumps(PipelineFile(pipeline)))
     started = time.time()
     code = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "pipeline", "--config", str(path)],
-                          cwd=ROOT).returncode
+                          cwd=ROOT, env=ENV).returncode
     if code != 0:
         raise RuntimeError(f"the pipeline of {seed_dir.name} failed (exit {code}); see {seed_dir}/*/stage.log")
     stages = plan(pipeline, seed_dir)
@@ -258,6 +261,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ["PYTHONPATH"] = ENV["PYTHONPATH"]  # the stages this process starts itself (the baseline)
     if args.evaluate_one:
         evaluate_one(args.evaluate_one, json.loads(args.plan), args.prompts, args.samples, args.json)
         return 0
