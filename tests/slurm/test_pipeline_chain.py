@@ -50,6 +50,7 @@ def pipeline_overrides(out: Path, tools_set=()) -> list[str]:
     experts_toml = ", ".join(f'{{name="{e["name"]}", tasks={_toml_list(e["tasks"])}, steps={e["steps"]}, '
                              f'set={_toml_list(e["set"])}}}' for e in experts)
     sets = [f'pipeline.dir="{out}"', "pipeline.score.prompts=0", "pipeline.sft.steps=2",
+            'pipeline.judge.config=""',  # no learned judge here: the chain of SFT, experts, OPD and general
             "pipeline.sft.set=" + _toml_list(["train.eval_interval=0", "checkpoint.save_interval=0",
                                               "slurm.gpus_per_node=2", *_JOB]),
             "pipeline.expert.set=" + _toml_list([*_JOB, *_RL]), f"pipeline.experts=[{experts_toml}]",
