@@ -140,7 +140,8 @@ def score_stage(stage, plan: dict, prompts: int, samples: int) -> dict:
 
 # ------------------------------------------------------------------- running
 def run_seed(pipeline, seed_dir: Path, args) -> dict:
-    """Pipeline + baseline of one seed; {stage: {task: {mode: [mean, stderr]}}} and the samples per stage."""
+    """Pipeline + baseline of one seed; {stage: {task: {mode: [mean, stderr]}}} and the samples per stage.
+    With args.score_only nothing is trained: the stages already finished are scored."""
     from megatron_ernie import config as C
     from megatron_ernie.config.pipeline import PipelineFile
     from megatron_ernie.posttrain.manifest import Manifest
@@ -151,19 +152,21 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
     path = seed_dir / "pipeline.toml"
     path.write_text(C.dumps(PipelineFile(pipeline)))
     started = time.time()
-    code = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "pipeline", "--config", str(path)],
-                          cwd=ROOT, env=ENV).returncode
-    if code != 0:
-        raise RuntimeError(f"the pipeline of {seed_dir.name} failed (exit {code}); see {seed_dir}/*/stage.log")
     stages = plan(pipeline, seed_dir)
     baseline = plan(baseline_pipeline(pipeline), seed_dir)[1]
     manifest = Manifest(seed_dir / "manifest.json")
-    if not manifest.is_done(baseline.name, baseline.config_hash, baseline.output):
-        baseline.write_config()
-        run_group([baseline], manifest, 1)
-    print(f"[bench] {seed_dir.name}: stages done in {time.time() - started:.0f} s; scoring", flush=True)
+    if not args.score_only:
+        code = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "pipeline", "--config", str(path)],
+                              cwd=ROOT, env=ENV).returncode
+        if code != 0:
+            raise RuntimeError(f"the pipeline of {seed_dir.name} failed (exit {code}); see {seed_dir}/*/stage.log")
+        if not manifest.is_done(baseline.name, baseline.config_hash, baseline.output):
+            run_group([baseline], manifest, 1)
+        print(f"[bench] {seed_dir.name}: stages done in {time.time() - started:.0f} s; scoring", flush=True)
+    manifest = Manifest(seed_dir / "manifest.json")
+    finished = [s for s in [*stages, baseline] if manifest.is_done(s.name, s.config_hash, s.output)]
     tasks, scored = eval_plan(stages), {}
-    for stage in [*stages, baseline]:
+    for stage in finished:
         scored[BASELINE if stage is baseline else stage.name] = score_stage(stage, tasks, args.prompts, args.samples)
         (seed_dir / "scores.json").write_text(json.dumps(scored, indent=1) + "\n")  # partial results survive
     samples = {("baseline" if s is baseline else s.name): samples_of(s) for s in [*stages[1:], baseline]}
@@ -251,6 +254,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps per stage, 8 prompts")
     p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 32, quick 8)")
     p.add_argument("--samples", type=int, default=1, help="T=1 samples per prompt")
+    p.add_argument("--score-only", action="store_true", help="train nothing: score and report the finished stages")
     p.add_argument("--evaluate-one", default="", help=argparse.SUPPRESS)
     p.add_argument("--plan", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
