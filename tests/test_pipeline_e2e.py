@@ -1,5 +1,6 @@
 """The post-training pipeline for real, a few steps per stage: SFT from scratch -> two domain experts ->
-OPD with both as teachers -> general RL, every stage an ordinary `ernie sft` / `ernie rl` run, every output
+OPD with both as teachers -> a learned judge (SFT on rubric verdicts) -> general RL with the judge as the
+open_ended reward, every stage an ordinary `ernie sft` / `ernie rl` run, every output
 scored on held-out prompts. No science thresholds here (benchmarks/ holds those): the plumbing is checked
 on values — the manifest, one tokenizer across every stage, each teacher scoring exactly its own domain's
 samples, the scoreboard, and a rerun that skips every finished stage."""
@@ -14,7 +15,8 @@ import pytest
 from harness import ROOT
 
 pytestmark = pytest.mark.slow
-STAGES = ["sft", "experts/arith", "experts/coder", "opd", "general"]
+STAGES = ["sft", "experts/arith", "experts/coder", "opd", "judge", "general"]
+SCORED = [s for s in STAGES if s != "judge"]  # the judge answers y/n: the tasks do not score it
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,9 @@ def pipeline_run(tmp_path_factory):
                "--set", 'pipeline.experts=[{name="arith", tasks=["arithmetic"], steps=2, '
                         'set=["rl.sampling.max_new_tokens=4"]}, {name="coder", tasks=["code"], steps=2}]',
                "--set", 'pipeline.opd.tasks=["arithmetic", "code"]', "--set", "pipeline.opd.steps=2",
-               "--set", 'pipeline.general.tasks=["arithmetic", "code"]', "--set", "pipeline.general.steps=2",
+               "--set", "pipeline.judge.steps=2",
+               "--set", 'pipeline.judge.set=["train.eval_interval=0", "checkpoint.save_interval=0"]',
+               "--set", 'pipeline.general.tasks=["arithmetic", "code", "open_ended"]', "--set", "pipeline.general.steps=2",
                "--set", "pipeline.score.prompts=2", "--set", "pipeline.score.samples=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
@@ -71,12 +75,12 @@ def test_each_teacher_scores_only_its_domain(pipeline_run):
 def test_scoreboard_has_a_row_per_stage(pipeline_run):
     out = pipeline_run[0]
     stages = _manifest(out)
-    for name in STAGES:
+    for name in SCORED:
         for task in ("arithmetic", "code"):
             mean, stderr = stages[name]["scores"][task]["greedy"]
             assert 0.0 <= mean <= 1.0 and stderr >= 0.0
     table = (out / "scoreboard" / "greedy" / "scoreboard.txt").read_text().splitlines()
-    assert [line.split()[0] for line in table[1:]] == STAGES
+    assert [line.split()[0] for line in table[1:]] == SCORED
     assert (out / "scoreboard" / "sampled" / "scoreboard.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -85,3 +89,17 @@ def test_a_rerun_skips_every_finished_stage(pipeline_run):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("up to date") == len(STAGES)
     assert "starting" not in second.stdout
+
+
+def test_general_rl_rewards_open_ended_by_the_judge_stage(pipeline_run):
+    out = pipeline_run[0]
+    stages = _manifest(out)
+    assert stages["judge"]["input"] == stages["sft"]["output"]
+    general = (out / "general" / "stage.toml").read_text()
+    assert f'checkpoint = "{stages["judge"]["output"]}"' in general
+    steps = [json.loads(line) for line in (out / "general" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    judged = [step for step in steps if "reward/open_ended" in step]
+    assert judged, steps
+    for step in judged:
+        assert step["reward/open_ended"] == pytest.approx(step["judge/score"], abs=1e-9)
+        assert 0.0 <= step["judge/rubric_reward"] <= 1.0
