@@ -28,8 +28,22 @@ def init_distributed(timeout_s: int = 600) -> int:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if _alone():  # a world of one needs no rendezvous, so no port that another job may hold
+            dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend(), timeout=timeout)
     return dist.get_world_size()
+
+
+def _alone() -> bool:
+    """One process, not started by torchrun (whose agent serves the store at MASTER_PORT).
+
+    Single-process tools (eval, extract, search, eval-tasks) used to bind
+    MASTER_PORT (29500 by default) for a rendezvous nobody else joins, so two
+    of them at once, or one beside a training job, failed with EADDRINUSE.
+    """
+    return os.environ.get("WORLD_SIZE") == "1" and "TORCHELASTIC_RUN_ID" not in os.environ
 
 
 def _export_launcher_env() -> None:
