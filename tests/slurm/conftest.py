@@ -51,9 +51,19 @@ class SlurmCluster:
     def sbatch(self, script: Path) -> str:
         return self.run(["sbatch", "--parsable", str(script)]).stdout.strip().split(";")[0]
 
-    def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job -o` as key -> value (the first het component for het jobs)."""
-        line = self.run(["scontrol", "show", "job", "-o", job_id]).stdout.splitlines()[0]
+    def job(self, job_id: str, attempts: int = 5) -> dict[str, str]:
+        """`scontrol show job -o` as key -> value (the first het component for het jobs).
+
+        On a loaded 2-core host slurmctld sometimes drops a client's connection
+        and scontrol dies of SIGPIPE; that says nothing about the job, so the
+        query is retried a few times before it counts as a failure.
+        """
+        for attempt in range(attempts):
+            done = self.run(["scontrol", "show", "job", "-o", job_id], check=attempt == attempts - 1)
+            if done.returncode == 0:
+                break
+            time.sleep(1.0)
+        line = done.stdout.splitlines()[0]
         return dict(item.split("=", 1) for item in line.split() if "=" in item)
 
     def ended(self, job_id: str) -> str | None:
