@@ -166,7 +166,10 @@ def end_leftovers(job_ids) -> list[str]:
             described.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes().replace(bytes(1), b' ')[:200]!r}")
         except OSError:
             described.append(str(pid))
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended between the listing and now
+            described.pop()
     return described
 
 
