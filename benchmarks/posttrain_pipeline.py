@@ -154,17 +154,16 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
     started = time.time()
     stages = plan(pipeline, seed_dir)
     baseline = plan(baseline_pipeline(pipeline), seed_dir)[1]
-    manifest = Manifest(seed_dir / "manifest.json")
     if not args.score_only:
         code = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "pipeline", "--config", str(path)],
                               cwd=ROOT, env=ENV).returncode
         if code != 0:
             raise RuntimeError(f"the pipeline of {seed_dir.name} failed (exit {code}); see {seed_dir}/*/stage.log")
+        manifest = Manifest(seed_dir / "manifest.json")  # read after the pipeline wrote it: run_group updates it
         if not manifest.is_done(baseline.name, baseline.config_hash, baseline.output):
             run_group([baseline], manifest, 1)
         print(f"[bench] {seed_dir.name}: stages done in {time.time() - started:.0f} s; scoring", flush=True)
-    manifest = Manifest(seed_dir / "manifest.json")
-    finished = [s for s in [*stages, baseline] if manifest.is_done(s.name, s.config_hash, s.output)]
+    finished = [s for s in [*stages, baseline] if (s.output / "meta.json").is_file()]  # a checkpoint saved at the end
     tasks, scored = eval_plan(stages), {}
     for stage in finished:
         scored[BASELINE if stage is baseline else stage.name] = score_stage(stage, tasks, args.prompts, args.samples)
@@ -281,7 +280,7 @@ def main(argv=None) -> int:
         print(f"[bench] samples per stage: {result['samples']}", flush=True)
     experts = {e.name: list(e.tasks) for e in template.experts}
     verifiable = [t for ts in experts.values() for t in ts]
-    tasks = list(next(iter(per_seed.values()))["sft"])
+    tasks = list(next(iter(next(iter(per_seed.values())).values()), {}))
     print(report(per_seed, experts, verifiable, tasks))
     print(f"\n[bench] total {time.time() - started:.0f} s; scores in {out / 'results.json'}")
     return 0
