@@ -201,7 +201,7 @@ def test_sft_refuses_an_elastic_config():
 def test_sft_tiny_cpu_config_is_valid():
     cfg = C.load(ROOT / "configs" / "sft_tiny_cpu.toml")
     C.validate(cfg, 2)
-    assert {t.name for t in cfg.rl.tasks} == {"arithmetic", "code", "calc"}
+    assert {t.name for t in cfg.rl.tasks} == {"arithmetic", "code", "calc", "open_ended"}
 
 
 # ---------------------------------------------------------------- distributed (one launch)
