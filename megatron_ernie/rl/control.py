@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
-from megatron_ernie.rl.protocol import Message, ScoredSample, WeightsReady, _check, _scalar
+from megatron_ernie.rl.protocol import Message, ScoredSample, Shutdown, WeightsReady, _check, _scalar
 from megatron_ernie.rl.transport import PipeChannel
 
 ROLES = ("controller", "trainer", "rollout", "reward", "teacher", "judge")
@@ -313,4 +313,22 @@ def recv_or_none(channel: PipeChannel, timeout_s: float):
     if not channel.poll(timeout_s):
         return None
     return channel.recv()
+
+
+def receive_work(channel: PipeChannel, kind: type, who: str, log) -> tuple[list, int | None]:
+    """A scorer's next batch: every `kind` message that has arrived (waiting up to 0.5 s for the first).
+
+    Returns (items, None), or ([], exit code) on Shutdown: 75 when the
+    controller asks for a requeue, else 0. Other messages are logged and dropped.
+    """
+    items, message = [], recv_or_none(channel, 0.5)
+    while message is not None:
+        if isinstance(message, Shutdown):
+            return [], 75 if message.reason == "requeue" else 0
+        if isinstance(message, kind):
+            items.append(message)
+        else:
+            log.warning(f"{who}: ignoring unexpected {type(message).__name__}")
+        message = recv_or_none(channel, 0.0)
+    return items, None
 

@@ -14,11 +14,9 @@ controller sends its samples to another judge.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 
 from megatron_ernie.config.errors import ConfigError
-from megatron_ernie.rl.control import Failure, Heartbeats, Hello, TeacherReady, connect
+from megatron_ernie.rl.control import TeacherReady
 
 log = logging.getLogger("megatron_ernie.rl.judge")
 
@@ -37,7 +35,7 @@ def start_judge(cfg, system):
 
 def run_judge(cfg, system, rank: int, address, authkey: bytes) -> int:
     """The judge role's main (any number of judge processes serve the one judge checkpoint)."""
-    from megatron_ernie.rl.teacher.serve import serve
+    from megatron_ernie.rl.teacher.serve import run_scorer_role
 
     if not cfg.rl.judge.enabled:
         raise ConfigError("rl.judge.checkpoint", "", "a judge process needs a judge: set rl.judge.checkpoint "
@@ -45,18 +43,5 @@ def run_judge(cfg, system, rank: int, address, authkey: bytes) -> int:
     import megatron_ernie.rl.rollout.checkpoint_engine  # noqa: F401 - torch/megatron imports before heartbeats
     import megatron_ernie.rl.judge.scorer  # noqa: F401
 
-    channel = connect(address, authkey, Hello("judge", rank, os.getpid(), socket.gethostname()))
-    beats = Heartbeats(channel, "judge", rank, system.heartbeat_s)
-    try:
-        try:
-            scorer, ready = start_judge(cfg, system)
-        except Exception as exc:
-            channel.send(Failure("judge", f"judge {rank}: {type(exc).__name__}: {exc}"[:2000]))
-            raise
-        channel.send(ready)
-        return serve(channel, scorer, rank)
-    except EOFError:
-        log.error(f"judge {rank}: the controller closed the connection; exiting")
-        return 1
-    finally:
-        beats.stop()
+    return run_scorer_role("judge", rank, f"judge {rank}", system, address, authkey,
+                           lambda: start_judge(cfg, system))

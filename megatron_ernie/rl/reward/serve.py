@@ -13,8 +13,8 @@ import logging
 import os
 import socket
 
-from megatron_ernie.rl.control import Heartbeats, Hello, connect, recv_or_none
-from megatron_ernie.rl.protocol import Sample, Shutdown
+from megatron_ernie.rl.control import Heartbeats, Hello, connect, receive_work
+from megatron_ernie.rl.protocol import Sample
 from megatron_ernie.rl.reward.worker import RewardWorker
 
 log = logging.getLogger("megatron_ernie.rl.reward")
@@ -23,16 +23,9 @@ log = logging.getLogger("megatron_ernie.rl.reward")
 def serve(channel, worker: RewardWorker, rank: int = 0) -> int:
     """Score until Shutdown; returns the exit code (75 when the controller asks for a requeue)."""
     while True:
-        message = recv_or_none(channel, 0.5)
-        samples = []
-        while message is not None:
-            if isinstance(message, Shutdown):
-                return 75 if message.reason == "requeue" else 0
-            if isinstance(message, Sample):
-                samples.append(message)
-            else:
-                log.warning(f"reward {rank}: ignoring unexpected {type(message).__name__}")
-            message = recv_or_none(channel, 0.0)
+        samples, code = receive_work(channel, Sample, f"reward {rank}", log)
+        if code is not None:
+            return code
         for scored in worker.score(samples):
             channel.send(scored)
 

@@ -24,8 +24,8 @@ import os
 import socket
 
 from megatron_ernie.config.errors import ConfigError
-from megatron_ernie.rl.control import Failure, Heartbeats, Hello, TeacherReady, TeacherStats, connect, recv_or_none
-from megatron_ernie.rl.protocol import ScoredSample, Shutdown
+from megatron_ernie.rl.control import Failure, Heartbeats, Hello, TeacherReady, TeacherStats, connect, receive_work
+from megatron_ernie.rl.protocol import ScoredSample
 
 log = logging.getLogger("megatron_ernie.rl.teacher")
 
@@ -33,22 +33,35 @@ log = logging.getLogger("megatron_ernie.rl.teacher")
 def serve(channel, scorer, rank: int = 0) -> int:
     """Score until Shutdown; returns the exit code (75 when the controller asks for a requeue)."""
     while True:
-        message = recv_or_none(channel, 0.5)
-        samples = []
-        while message is not None:
-            if isinstance(message, Shutdown):
-                return 75 if message.reason == "requeue" else 0
-            if isinstance(message, ScoredSample):
-                samples.append(message)
-            else:
-                log.warning(f"teacher {rank}: ignoring unexpected {type(message).__name__}")
-            message = recv_or_none(channel, 0.0)
+        samples, code = receive_work(channel, ScoredSample, f"{scorer.alias} scorer {rank}", log)
+        if code is not None:
+            return code
         if samples:
             scored, seconds = scorer.score(samples)
             for item in scored:
                 channel.send(item)
             tokens = sum(len(s.sample.response_tokens) for s in samples)
             channel.send(TeacherStats(scorer.alias, len(samples), tokens, seconds))
+
+
+def run_scorer_role(role: str, rank: int, label: str, system, address, authkey: bytes, start) -> int:
+    """Connect, build the scorer with `start()` (a failure is reported to the controller first),
+    announce it ready and serve until Shutdown. Shared by the teacher and the judge roles."""
+    channel = connect(address, authkey, Hello(role, rank, os.getpid(), socket.gethostname()))
+    beats = Heartbeats(channel, role, rank, system.heartbeat_s)
+    try:
+        try:
+            scorer, ready = start()
+        except Exception as exc:
+            channel.send(Failure(role, f"{label}: {type(exc).__name__}: {exc}"[:2000]))
+            raise
+        channel.send(ready)
+        return serve(channel, scorer, rank)
+    except EOFError:
+        log.error(f"{label}: the controller closed the connection; exiting")
+        return 1
+    finally:
+        beats.stop()
 
 
 def start_scorer(cfg, system, alias: str):
@@ -76,18 +89,5 @@ def run_teacher(cfg, system, rank: int, address, authkey: bytes) -> int:
     import megatron_ernie.rl.rollout.checkpoint_engine  # noqa: F401 - torch and megatron-core imports take seconds
     import megatron_ernie.rl.teacher.engine  # noqa: F401 - of CPU and the GIL: finish them before heartbeats count
 
-    channel = connect(address, authkey, Hello("teacher", rank, os.getpid(), socket.gethostname()))
-    beats = Heartbeats(channel, "teacher", rank, system.heartbeat_s)
-    try:
-        try:
-            scorer, ready = start_scorer(cfg, system, alias)
-        except Exception as exc:
-            channel.send(Failure("teacher", f"teacher {rank} ({alias}): {type(exc).__name__}: {exc}"[:2000]))
-            raise
-        channel.send(ready)
-        return serve(channel, scorer, rank)
-    except EOFError:
-        log.error(f"teacher {rank}: the controller closed the connection; exiting")
-        return 1
-    finally:
-        beats.stop()
+    return run_scorer_role("teacher", rank, f"teacher {rank} ({alias})", system, address, authkey,
+                           lambda: start_scorer(cfg, system, alias))
