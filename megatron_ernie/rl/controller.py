@@ -598,24 +598,22 @@ class Controller:
             self._score(sample)
 
     def _teacher_died(self, peer: Peer) -> None:
-        if self.teachers is None or not peer.alias:
-            return
-        self.counters.teachers_died += 1
-        self.teachers.last_death[peer.alias] = f"{peer.name} (pid {peer.pid}): {peer.death}"
-        lost, peer.in_flight = list(peer.in_flight.values()), {}
-        self.counters.teacher_rescored += len(lost)
-        for scored in lost:
-            self._teach(scored)
+        if self.teachers is not None and peer.alias:
+            self.counters.teachers_died += 1
+            self.counters.teacher_rescored += self._rescore_lost(self.teachers, peer)
 
     def _judge_died(self, peer: Peer) -> None:
-        if self.judges is None or not peer.alias:
-            return
-        self.counters.judges_died += 1
-        self.judges.last_death[peer.alias] = f"{peer.name} (pid {peer.pid}): {peer.death}"
+        if self.judges is not None and peer.alias:
+            self.counters.judges_died += 1
+            self.counters.judge_rescored += self._rescore_lost(self.judges, peer)
+
+    def _rescore_lost(self, pool, peer: Peer) -> int:
+        """A dead scorer's in-flight samples go to another peer of its alias (or wait); returns how many."""
+        pool.last_death[peer.alias] = f"{peer.name} (pid {peer.pid}): {peer.death}"
         lost, peer.in_flight = list(peer.in_flight.values()), {}
-        self.counters.judge_rescored += len(lost)
         for scored in lost:
-            self._route(self.judges, scored)
+            self._route(pool, scored)
+        return len(lost)
 
     def _trainer_died(self, peer: Peer) -> None:
         log.error("the trainer died: stopping the run; restart it to resume from the last checkpoint")

@@ -26,21 +26,10 @@ class JudgeCheckpoint:
 
 def resolve_judge(cfg, run_tokenizer: str) -> JudgeCheckpoint:
     """The checked judge checkpoint of cfg.rl.judge."""
-    from megatron_ernie.checkpoint.store import CheckpointError
-    from megatron_ernie.data.tokenizer import require_same_tokenizer, tokenizer_hash
-    from megatron_ernie.rl.rollout.checkpoint_engine import (CONFIG_FILE, TOKENIZER_FILE, checkpoint_config,
-                                                             checkpoint_tokenizer, resolve_checkpoint)
+    from megatron_ernie.rl.rollout.checkpoint_engine import checkpoint_config, checkpoint_tokenizer
+    from megatron_ernie.rl.teacher.checkpoints import scorer_checkpoint
 
-    given = cfg.rl.judge.checkpoint
-    try:
-        ckpt = resolve_checkpoint(given, FIELD)
-    except CheckpointError as exc:
-        raise ConfigError(FIELD, given, f"{exc}") from None
-    for name in (CONFIG_FILE, TOKENIZER_FILE):
-        if not (ckpt / name).is_file():
-            raise ConfigError(FIELD, given, f"{ckpt / name} is missing: a judge checkpoint carries the model "
-                                            "config and the tokenizer it was trained with next to its weights")
-    require_same_tokenizer(run_tokenizer, str(ckpt / TOKENIZER_FILE), FIELD)
+    ckpt, sha256 = scorer_checkpoint(cfg.rl.judge.checkpoint, FIELD, run_tokenizer, "judge")
     judge_cfg = checkpoint_config(ckpt)
     if judge_cfg.model.seq_length < cfg.model.seq_length:
         raise ConfigError(FIELD, str(ckpt), f"its model.seq_length = {judge_cfg.model.seq_length} is shorter than "
@@ -52,7 +41,7 @@ def resolve_judge(cfg, run_tokenizer: str) -> JudgeCheckpoint:
     tokenizer = checkpoint_tokenizer(ckpt, FIELD)
     for verdict in (VERDICT_YES, VERDICT_NO):
         verdict_id(tokenizer, verdict, FIELD)
-    return JudgeCheckpoint(ckpt, tokenizer_hash(str(ckpt / TOKENIZER_FILE), FIELD))
+    return JudgeCheckpoint(ckpt, sha256)
 
 
 def check_judge(cfg, agent: bool = False) -> JudgeCheckpoint | None:

@@ -53,25 +53,31 @@ def run_tokenizer_file(cfg, agent: bool) -> str:
     return path
 
 
-def resolve_teacher(cfg, alias: str, run_tokenizer: str) -> TeacherCheckpoint:
-    """The checked checkpoint of `alias`: complete, with config.toml and the run's tokenizer."""
+def scorer_checkpoint(given: str, field: str, run_tokenizer: str, what: str) -> tuple[Path, str]:
+    """(resolved iter_N dir, tokenizer sha256) of a checkpoint that will score the run's samples
+    (a teacher or the judge): complete, with config.toml, and with exactly the run's tokenizer."""
     from megatron_ernie.checkpoint.store import CheckpointError
     from megatron_ernie.data.tokenizer import require_same_tokenizer, tokenizer_hash
     from megatron_ernie.rl.rollout.checkpoint_engine import CONFIG_FILE, TOKENIZER_FILE, resolve_checkpoint
 
-    field = f"rl.distill.teachers.{alias}"
-    given = cfg.rl.distill.teachers[alias]
     try:
         ckpt = resolve_checkpoint(given, field)
     except CheckpointError as exc:
         raise ConfigError(field, given, f"{exc}") from None
     for name in (CONFIG_FILE, TOKENIZER_FILE):
         if not (ckpt / name).is_file():
-            raise ConfigError(field, given, f"{ckpt / name} is missing: a teacher checkpoint carries the model "
-                                            f"config and the tokenizer it was trained with next to its weights")
+            raise ConfigError(field, given, f"{ckpt / name} is missing: a {what} checkpoint carries the model "
+                                            "config and the tokenizer it was trained with next to its weights")
     require_same_tokenizer(run_tokenizer, str(ckpt / TOKENIZER_FILE), field)
+    return ckpt, tokenizer_hash(str(ckpt / TOKENIZER_FILE), field)
+
+
+def resolve_teacher(cfg, alias: str, run_tokenizer: str) -> TeacherCheckpoint:
+    """The checked checkpoint of `alias`: complete, with config.toml and the run's tokenizer."""
+    field = f"rl.distill.teachers.{alias}"
+    ckpt, sha256 = scorer_checkpoint(cfg.rl.distill.teachers[alias], field, run_tokenizer, "teacher")
     _check_teacher_model(cfg, field, ckpt)
-    return TeacherCheckpoint(alias, ckpt, tokenizer_hash(str(ckpt / TOKENIZER_FILE), field))
+    return TeacherCheckpoint(alias, ckpt, sha256)
 
 
 def _check_teacher_model(cfg, field: str, ckpt: Path) -> None:
