@@ -304,7 +304,13 @@ class JudgeConfig:
 
 @dataclass(frozen=True)
 class RLConfig:
-    """The RL sub-tree of the root config."""
+    """The RL sub-tree of the root config.
+
+    stop_on_failures: stop the run (exit 1, naming the reasons) once this many
+    training steps' worth of consecutive samples all failed in the reward
+    scorer (status "error"/"sandbox_error": unknown task, verifier exception),
+    instead of training on all-zero rewards (rl/failure_watch.py); 0 never stops.
+    """
 
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -314,8 +320,10 @@ class RLConfig:
     system: SystemConfig = field(default_factory=SystemConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    stop_on_failures: int = 3
 
     def validate(self, path: str) -> None:
+        _require_int(path, "stop_on_failures", self.stop_on_failures, 0, "training steps of all-failed samples")
         self.system.validate(f"{path}.system")
         self.algorithm.validate(f"{path}.algorithm")
         self.sampling.validate(f"{path}.sampling")

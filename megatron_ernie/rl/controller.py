@@ -46,6 +46,7 @@ from multiprocessing.connection import wait
 import numpy as np
 
 from megatron_ernie.rl.buffer import ExperienceBuffer
+from megatron_ernie.rl.failure_watch import FailureWatch
 from megatron_ernie.rl.control import (Failure, Hello, LockedChannel, RolloutStats, Saved, SaveCheckpoint, Start,
                                        StepDone, SyncDone, SyncPlan, TeacherReady, TeacherStats, TrainBatch)
 from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, Sample, ScoredSample, Shutdown,
@@ -172,6 +173,7 @@ class Controller:
         self.total_steps = cfg.train.iters
         self.expected_rollouts = expected_rollouts
         self.buffer = ExperienceBuffer(cfg.rl.buffer, self.n)
+        self.failure_watch = FailureWatch(cfg.rl.stop_on_failures, self.per_step * self.n)
         self.prompts = PromptStream(cfg.rl.tasks, tokenizer, self.n, cfg.rl.sampling.max_new_tokens,
                                     cfg.model.seq_length)
         self.peers: list[Peer] = []
@@ -442,6 +444,7 @@ class Controller:
         self._join_group(scored)
 
     def _admit(self, group) -> None:
+        self._failure = self._failure or self.failure_watch.observe(group)
         before = self.buffer.stats.dropped_stale_groups + self.buffer.stats.dropped_uniform_groups
         self.buffer.add_group(group)
         self._after_buffer_change(before)
@@ -538,7 +541,7 @@ class Controller:
 
     def _dispatch_batch(self) -> None:
         trainer = self.trainer
-        if trainer is None or not trainer.alive or self.trainer_busy or self.finishing \
+        if trainer is None or not trainer.alive or self.trainer_busy or self.finishing or self._failure \
                 or self.saving is not None or not self.buffer.ready(self.per_step):
             return
         groups = self.buffer.pop_batch(self.per_step)

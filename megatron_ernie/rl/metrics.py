@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_ernie.observe.tensorboard import NullWriter, ScalarWriter
+from megatron_ernie.rl.failure_watch import SCORER_FAILURES
 
 log = logging.getLogger("megatron_ernie.rl")
 RATE_WINDOW_S = 10.0
@@ -101,6 +102,7 @@ class RunMetrics:
             out[f"reward/{task}"] = float(np.mean([s.reward for s in samples if s.sample.task == task]))
         statuses = [s.status for s in samples]
         out["reward/failed_fraction"] = float(np.mean([st not in ("ok", "wrong", "no_answer") for st in statuses]))
+        out["reward/scorer_failed_fraction"] = float(np.mean([st in SCORER_FAILURES for st in statuses]))
         for alias, task in sorted({(s.teacher, s.sample.task) for s in samples if s.teacher}):
             count = sum(s.teacher == alias and s.sample.task == task for s in samples)
             out[f"teacher/{alias}/batch_samples"] = out.get(f"teacher/{alias}/batch_samples", 0) + count
