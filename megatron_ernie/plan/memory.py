@@ -1,0 +1,107 @@
+"""Per-rank memory of one layout, term by term, from the config alone.
+
+Static terms (exact; tests/test_plan_dist.py counts them on built models):
+
+* parameters: each local parameter in the model dtype (bf16: 2 B, fp32: 4 B;
+  FP8 parameters with ``fp8.param_gather``: 1 B).  With the distributed
+  optimizer megatron-core moves them into DDP's padded parameter buffer, so
+  the padding counts too (buffers.py).
+* main-grad buffers: DDP accumulates gradients in fp32 (``grad_reduce_in_fp32``,
+  model/build.py), 4 B per buffer element, padding included.
+* optimizer state (AdamW, megatron-core ``get_megatron_optimizer``): two fp32
+  moments per owned element, a 4-byte ``step`` tensor per owned parameter
+  tensor (torch.optim), and for a bf16 model an fp32 master copy per owned
+  element.  Without the distributed optimizer a rank owns every local element;
+  with it, its shard of each bucket (megatron-core distributed optimizer docs:
+  "optimizer state is sharded across data-parallel ranks"), i.e.
+  ``(8 + 4 * bf16) / DP`` bytes per element instead of ``8 + 4 * bf16``.
+
+Activation terms (estimates) are in activations.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_ernie.plan.buffers import default_bucket_size, grad_buffer_layout, owned_shard
+from megatron_ernie.plan.inventory import Param, rank_chunks
+
+GRAD_BYTES = 4  # grad_reduce_in_fp32 = True
+MOMENT_BYTES = 8  # exp_avg + exp_avg_sq in fp32
+STEP_BYTES = 4  # torch.optim's per-parameter float32 "step" tensor
+MASTER_BYTES = 4  # fp32 master copy of a bf16 parameter
+
+
+@dataclass(frozen=True)
+class StaticMemory:
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+@dataclass(frozen=True)
+class RankPosition:
+    """Where a rank sits: its pipeline rank and its rank in the dense and expert DP groups."""
+
+    pp_rank: int = 0
+    dp_rank: int | None = 0  # None: the DP rank that owns the most optimizer state
+    expert_dp_rank: int | None = 0
+
+
+def param_bytes_per_element(model, fp8=None) -> int:
+    if fp8 is not None and fp8.recipe != "off" and fp8.param_gather:
+        return 1
+    return 2 if model.dtype == "bf16" else 4
+
+
+def dp_sizes(par, world: int) -> tuple[int, int]:
+    """(dense data-parallel size, expert data-parallel size) — runtime/dims.py."""
+    dp = world // (par.tensor * par.pipeline * par.context)
+    edp = world // (par.expert_tensor_size * par.expert * par.pipeline)
+    return dp, edp
+
+
+def _optimizer_bytes(elements: int, tensors: int, bf16: bool) -> int:
+    return elements * (MOMENT_BYTES + MASTER_BYTES * bf16) + tensors * STEP_BYTES
+
+
+def _buffer_terms(params: list[Param], dp: int, dp_rank: int, par, bucket_size, pbytes: int, bf16: bool):
+    if not params:
+        return 0, 0, 0
+    distopt = par.distributed_optimizer
+    layout = grad_buffer_layout(params, dp, distopt, bucket_size)
+    if distopt:
+        ranks = range(dp) if dp_rank is None else [dp_rank]
+        elements, tensors = max(owned_shard(layout, dp, r) for r in ranks)
+        param_storage = layout.numel * pbytes
+    else:
+        elements, tensors = sum(p.numel for p in params), len(params)
+        param_storage = elements * pbytes
+    return param_storage, layout.numel * GRAD_BYTES, _optimizer_bytes(elements, tensors, bf16)
+
+
+def static_memory(model, moe, par, vocab_size: int, world: int, where: RankPosition = RankPosition(),
+                  fp8=None) -> StaticMemory:
+    """Bytes of parameters, main-grad buffers and optimizer state on one rank."""
+    dp, edp = dp_sizes(par, world)
+    pbytes, bf16 = param_bytes_per_element(model, fp8), model.dtype == "bf16"
+    totals = [0, 0, 0]
+    for chunk, params in enumerate(rank_chunks(model, moe, par, vocab_size, where.pp_rank)):
+        bucket = default_bucket_size(par.overlap_grad_reduce, dp, where.pp_rank, chunk)
+        dense = [p for p in params if not p.expert]
+        expert = [p for p in params if p.expert]
+        for group, size, rank in ((dense, dp, where.dp_rank), (expert, edp, where.expert_dp_rank)):
+            terms = _buffer_terms(group, size, rank, par, bucket, pbytes, bf16)
+            totals = [a + b for a, b in zip(totals, terms)]
+    return StaticMemory(*totals)
+
+
+def worst_static_memory(model, moe, par, vocab_size: int, world: int, fp8=None) -> StaticMemory:
+    """The largest total over pipeline ranks and (distributed optimizer) DP ranks."""
+    cands = [static_memory(model, moe, par, vocab_size, world, RankPosition(r, None, None), fp8)
+             for r in range(par.pipeline)]
+    return max(cands, key=lambda m: m.total)
