@@ -167,7 +167,7 @@ def test_crash_is_reported_with_last_traceback_line(namespaces):
 
 @pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="needs a system /usr/bin/python3")
 def test_rlimits_fallback_blocks_sockets_and_kills_leftovers():
-    weak = replace(SHORT_WALL, isolation="rlimits", python="/usr/bin/python3")
+    weak = replace(SHORT_WALL, isolation="rlimits", accept_weak_isolation=True, python="/usr/bin/python3")
     ok = run_python("print(6 * 7)", config=weak)
     assert (ok.status, ok.stdout, ok.isolation) == ("ok", "42\n", "rlimits")
     net = run_python("import socket\nsocket.create_connection(('127.0.0.1', 9))", config=weak)

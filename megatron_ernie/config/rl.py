@@ -132,13 +132,18 @@ class SandboxConfig:
     """Limits of the process that runs untrusted model-written code.
 
     isolation: "namespaces" needs root or unprivileged user namespaces and gives
-    a private filesystem view, no network and a PID namespace; "rlimits" is the weaker
-    fallback (limits, uid drop, Python-level socket block); "auto" tries the
-    first and logs a warning when it falls back.
-    uid/gid: the unprivileged identity the program runs as when we are root. A
-    reward worker running k sandboxes at once uses uids [uid, uid + k): the
-    process limit counts per uid, so sharing one would let one program's fork
-    bomb starve the others. The range must belong to no one else on the node.
+    a private filesystem view, no network and a PID namespace; "auto" is the
+    same and, where namespaces are unavailable, refuses to run programs
+    (sandbox_error naming the fix) instead of silently running them weakly.
+    "rlimits" is the weak mode (limits, uid drop, Landlock and seccomp where
+    the kernel has them, the host's network/IPC namespaces): it runs only with
+    accept_weak_isolation = true, an explicit acknowledgement.
+    uid/gid, uid_count: as root, each run leases the lowest uid of
+    [uid, uid + uid_count) that no other run on the node holds (gid moves
+    with it): the process limit and the user keyring count per uid node-wide,
+    so sharing one would let one program starve or message another. The range
+    must belong to no one else on the node, and hold at least as many uids as
+    sandboxes run at once on the node (all reward workers together).
     memory_mb bounds each process's address space; a program may hold up to
     max_processes * memory_mb in total (a cgroup would bound the sum, but needs
     delegation that Slurm jobs rarely have).
@@ -155,8 +160,10 @@ class SandboxConfig:
     max_output_bytes: int = 1 << 16
     scratch_mb: int = 16
     isolation: str = "auto"
+    accept_weak_isolation: bool = False
     uid: int = 61000
     gid: int = 61000
+    uid_count: int = 256
     python: str = ""
     readonly_paths: tuple[str, ...] = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache")
 
@@ -167,10 +174,19 @@ class SandboxConfig:
             _require_int(path, name, getattr(self, name), 1)
         _require_int(path, "memory_mb", self.memory_mb, 64, "Python alone needs ~30 MiB of address space")
         _require_choice(path, "isolation", self.isolation, ISOLATION_MODES)
+        if not isinstance(self.accept_weak_isolation, bool):
+            raise ConfigError(f"{path}.accept_weak_isolation", self.accept_weak_isolation, "use true or false")
+        if self.isolation == "rlimits" and not self.accept_weak_isolation:
+            raise ConfigError(f"{path}.accept_weak_isolation", False,
+                              "isolation = 'rlimits' runs model-written code without private filesystem, PID, "
+                              "network or IPC namespaces; set accept_weak_isolation = true to accept that, or use "
+                              "isolation = 'auto' (needs root or unprivileged user namespaces)")
+        _require_int(path, "uid_count", self.uid_count, 1, "uids leased to concurrent runs on the node")
         for name in ("uid", "gid"):
             _require_int(path, name, getattr(self, name), 1, "use an unprivileged id no one on the node uses")
-            if getattr(self, name) >= 2**32 - 1:
-                raise ConfigError(f"{path}.{name}", getattr(self, name), "must be < 2**32 - 1, e.g. 61000")
+            if getattr(self, name) + self.uid_count > 2**32 - 1:
+                raise ConfigError(f"{path}.{name}", getattr(self, name),
+                                  "must be < 2**32 - 1 - uid_count, e.g. 61000")
         for p in self.readonly_paths:
             if not p.startswith("/"):
                 raise ConfigError(f"{path}.readonly_paths", p, "paths must be absolute")

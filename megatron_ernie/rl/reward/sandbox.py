@@ -14,14 +14,25 @@ grader, forking until the node falls over), so the program gets:
   directories, not the job's files;
 - a clean environment (no job env vars) and an unprivileged uid: dropped to
   with setuid when we are root (RLIMIT_NPROC does not bind root, and root can
-  write anywhere), mapped through a user namespace when we are not.
+  write anywhere), mapped through a user namespace when we are not;
+- a fresh session keyring, emptied uid keyrings, SysV IPC bounded by the
+  memory limit and a seccomp filter (sandbox_confine.py).
+
+As root the uid is leased: each run takes the lowest uid of
+[uid, uid + uid_count) that no other run on the node holds (an flock on a
+node-local file, released when the run ends or its worker dies). RLIMIT_NPROC
+and the user keyring are per uid node-wide, so two runs sharing a uid, in
+one worker or in two, could starve or talk to each other. (As an ordinary
+user every run has its own user namespace, where both are counted apart.)
 
 The jail is built by `sandbox_boot.py`, a small stdlib-only script run as a
 child process (see its docstring for the mechanics). It works as root and, as
 an ordinary user, wherever unprivileged user namespaces are enabled. Where
-neither is possible, isolation="auto" falls back to a weaker mode (rlimits,
-uid drop if root, a Python-level socket block, no private filesystem view) and
-logs a warning once; the mode used is in every `SandboxResult.isolation`.
+neither is possible, isolation="auto" refuses to run the program (status
+sandbox_error, naming what is missing and the fix); the weak mode (rlimits,
+uid drop if root, Landlock and seccomp where the kernel has them, no private
+namespaces) runs only when configured as isolation="rlimits" with
+accept_weak_isolation=true. The mode used is in every `SandboxResult.isolation`.
 
 `run_python` never raises for anything the program does: a crash, timeout or
 limit is a `SandboxResult` with a status and a detail line.
@@ -29,6 +40,8 @@ limit is a `SandboxResult` with a status and a detail line.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -36,7 +49,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_ernie.config.rl import SandboxConfig
@@ -50,7 +64,9 @@ STATUSES = (OK, TIMEOUT, MEMORY, PROCESS_LIMIT, OUTPUT_LIMIT, CRASH, SANDBOX_ERR
 BOOT_SCRIPT = Path(__file__).with_name("sandbox_boot.py")
 BOOT_GRACE_S = 5.0  # bootstrap start-up + jail setup + reaping, on top of wall_s
 PROGRAM_NAME = "main.py"
-_warned_fallback = False
+UID_LEASE_DIR = Path("/run/ernie-sandbox-uids")  # node-local, shared by every worker and job on the node
+PR_SET_DUMPABLE = 4
+_warned_weak = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class SandboxResult:
     cpu_s: float
     isolation: str
     detail: str = ""
+    layers: tuple[str, ...] = ()  # confinement layers applied (seccomp, landlock, session-keyring, sysv-bounded)
 
     @property
     def ok(self) -> bool:
@@ -76,10 +93,55 @@ def run_python(code: str, stdin: str = "", config: SandboxConfig | None = None) 
     """Run `code` as a Python program fed `stdin`; return its outcome, never raising for it."""
     config = config or SandboxConfig()
     config.validate("rl.sandbox")
-    with tempfile.TemporaryDirectory(prefix="ernie-sandbox-", ignore_cleanup_errors=True) as rundir:
-        paths = _prepare_rundir(Path(rundir), code, stdin, config)
-        status = _launch(paths, config)
-        return _classify(status, paths, config)
+    if config.isolation == "rlimits":
+        _protect_this_process()
+    with _leased_uid(config) as leased, \
+            tempfile.TemporaryDirectory(prefix="ernie-sandbox-", ignore_cleanup_errors=True) as rundir:
+        if leased is None:
+            return _sandbox_error(f"all {config.uid_count} sandbox uids [{config.uid}, {config.uid + config.uid_count})"
+                                  " are in use by other runs on this node: raise rl.sandbox.uid_count", "")
+        paths = _prepare_rundir(Path(rundir), code, stdin, leased)
+        status = _launch(paths, leased)
+        return _classify(status, paths, leased)
+
+
+def _sandbox_error(detail: str, isolation: str) -> SandboxResult:
+    return SandboxResult(SANDBOX_ERROR, "", "", None, None, 0.0, 0.0, isolation, detail)
+
+
+@contextmanager
+def _leased_uid(config: SandboxConfig):
+    """`config` with uid/gid moved to the lowest free uid of its range, held for the run (root only).
+
+    An exclusive flock per uid under a root-only node-local directory: taken
+    without blocking, dropped by the kernel when this run's file closes, even
+    if the worker is killed. Yields None when every uid is taken.
+    """
+    if os.geteuid() != 0:
+        yield config
+        return
+    UID_LEASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for offset in range(config.uid_count):
+        fd = os.open(UID_LEASE_DIR / str(config.uid + offset), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield replace(config, uid=config.uid + offset, gid=config.gid + offset)
+        finally:
+            os.close(fd)
+        return
+    yield None
+
+
+def _protect_this_process() -> None:
+    """Weak mode: make this worker non-dumpable, so a program of the same uid cannot ptrace it
+    or read its /proc/PID/{mem,environ} (auth key, the tests' expected outputs) when Landlock is missing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def cpu_limit_s(config: SandboxConfig) -> int:
@@ -159,11 +221,12 @@ def _classify(status: dict, paths: dict, config: SandboxConfig) -> SandboxResult
     stdout, stdout_cut = _read_capped(paths["io"] / "stdout", config.max_output_bytes)
     stderr, _ = _read_capped(paths["io"] / "stderr", config.max_output_bytes)
     isolation = status.get("isolation", "none")
-    _warn_if_weak(isolation, config)
+    _warn_once(status, isolation)
     verdict, detail = _verdict(status, stderr, stdout_cut, paths, config)
     return SandboxResult(status=verdict, stdout=stdout, stderr=stderr, exit_code=status.get("exit_code"),
                          signal=status.get("signal"), wall_s=status.get("wall_s", 0.0),
-                         cpu_s=status.get("cpu_s", 0.0), isolation=isolation, detail=detail)
+                         cpu_s=status.get("cpu_s", 0.0), isolation=isolation, detail=detail,
+                         layers=tuple(status.get("layers", ())))
 
 
 def _verdict(status: dict, stderr: str, stdout_cut: bool, paths: dict, config: SandboxConfig) -> tuple[str, str]:
@@ -198,11 +261,18 @@ def _file_full(path: Path, config: SandboxConfig) -> bool:
     return os.path.getsize(path) >= config.max_file_bytes
 
 
-def _warn_if_weak(isolation: str, config: SandboxConfig) -> None:
-    global _warned_fallback
-    if isolation == "rlimits" and config.isolation == "auto" and not _warned_fallback:
-        _warned_fallback = True
-        log.warning("reward sandbox: namespaces unavailable (need root or unprivileged user namespaces), "
-                    "using the weaker "
-                    "'rlimits' mode: no private filesystem view, network blocked only at the Python level. "
-                    "Set sandbox.isolation = 'namespaces' to make this an error instead.")
+def _warn_once(status: dict, isolation: str) -> None:
+    """Once per process: the refusal of "auto" (an error), or which layers the weak mode got."""
+    global _warned_weak
+    if _warned_weak:
+        return
+    if "namespaces unavailable" in status.get("setup_error", ""):
+        _warned_weak = True
+        log.error(f"reward sandbox: {status['setup_error']}")
+    elif isolation == "rlimits" and not status.get("setup_error"):
+        _warned_weak = True
+        layers = status.get("layers", [])
+        missing = [name for name in ("landlock", "seccomp") if name not in layers]
+        log.warning(f"reward sandbox: weak 'rlimits' mode (accepted in the config), layers {layers}"
+                    + (f"; kernel lacks {missing}: the program can read this user's files, reach the "
+                       f"network or signal this user's processes" if missing else ""))

@@ -21,12 +21,34 @@ reward program needs:
   only a downed loopback device: no network at all. (Binds are recursive but
   only their top mount is made read-only; none of the default paths has
   writable submounts on common systems.)
-"rlimits" mode (fallback when namespaces are refused): rlimits, uid drop when
-root, a new session, and a Python audit hook that refuses sockets. A native
-extension or ctypes can get past the hook: it is a weaker mode and is reported.
+Both modes also close what no namespace isolates:
+- kernel keyrings: the program joins a fresh session keyring it owns (so the
+  worker's session keyring, where Kerberos/AFS/pam_keyinit put secrets, is not
+  in its credentials), and as root the leased uid's user, user-session and
+  persistent keyrings are cleared before and after the run (a non-root run's
+  user keyrings live in its own user namespace and die with it);
+- a seccomp filter (x86_64, aarch64) refuses request_key (its upcall runs
+  /sbin/request-key as root on the host, e.g. DNS lookups through
+  dns_resolver) and the keyctl operations that could stop us clearing a
+  keyring (setperm, chown) or reach one that outlives the run (persistent);
+- SysV IPC in the fresh IPC namespace is bounded by the memory limit
+  (shmmax/shmall, shm_rmid_forced so a detached segment dies instead of
+  living outside every rlimit, a few small message queues); where those
+  sysctls cannot be written, SysV IPC is refused by the seccomp filter.
+"rlimits" mode (only when explicitly chosen and acknowledged: "auto" refuses
+to run when namespaces are unavailable): rlimits, uid drop when root, a new
+session, a Python audit hook that refuses sockets, and the kernel's
+unprivileged confinement where present: Landlock (filesystem reads only below
+the system/Python paths and the scratch dir, no TCP, no signals or ptrace to
+processes outside the sandbox) and a seccomp filter refusing keyrings, SysV
+and POSIX message-queue IPC (no private IPC namespace here), non-Unix
+sockets, io_uring, ptrace, process_vm_*, bpf and perf_event_open.
+Every process the program started is killed afterwards (we are its child
+subreaper, so its orphans stay our descendants).
 
 Writes a JSON status file: isolation mode, exit code or signal, whether the
-wall clock ran out, CPU seconds and wall seconds.
+wall clock ran out, CPU seconds and wall seconds, and which confinement
+layers ("seccomp", "landlock", "sysv-bounded") were applied.
 """
 
 import ctypes
@@ -38,12 +60,16 @@ import signal
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves our directory off sys.path
+import sandbox_confine as confine  # noqa: E402 - a sibling file, standard library only
+
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 0x20, 0x400, 0x800, 0x1000, 0x4000
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 0x40000, 0x200000, 0x1000000
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 36, 38, 22
+LAYERS_PREFIX = "layers: "
 DEVICES = ("null", "zero", "urandom", "random")
 JAIL_WORKDIR = "/sandbox"
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -90,6 +116,8 @@ def enter_namespaces(spec: dict) -> str:
     As an ordinary user (a Slurm job): the same inside a new user namespace,
     where spec uid/gid is the program's identity mapped onto ours; we hold
     capabilities only inside it, and the program's exec (euid != 0) drops them.
+    "auto" never falls back to the weak mode: untrusted code only runs
+    without namespaces when the config chose "rlimits" (and acknowledged it).
     """
     if spec["isolation"] == "rlimits":
         return "rlimits"
@@ -103,10 +131,19 @@ def enter_namespaces(spec: dict) -> str:
         _write("/proc/self/gid_map", f"{spec['gid']} {outer_gid} 1")
         return "namespaces"
     err = ctypes.get_errno()
-    if spec["isolation"] == "namespaces":
-        raise OSError(err, f"unshare(user|mount|pid|net|ipc|uts) refused: {os.strerror(err)}; run as root, "
-                           "allow unprivileged user namespaces, or set sandbox.isolation = 'auto' / 'rlimits'")
-    return "rlimits"
+    raise OSError(err, f"isolation = {spec['isolation']!r}: namespaces unavailable, unshare(user|mount|pid|net|"
+                       f"ipc|uts) refused ({errno_name(err)}: {os.strerror(err)}), so untrusted code is not run. "
+                       "Fix: run the reward workers as root, or allow unprivileged user namespaces "
+                       "(user.max_user_namespaces > 0; on Ubuntu kernel.apparmor_restrict_unprivileged_userns = 0),"
+                       " or accept the weaker mode (host filesystem view limited only by Landlock if present, "
+                       "shared network/IPC namespaces) with sandbox.isolation = 'rlimits' and "
+                       "sandbox.accept_weak_isolation = true")
+
+
+def errno_name(err: int) -> str:
+    import errno
+
+    return errno.errorcode.get(err, str(err))
 
 
 def _write(path: str, text: str) -> None:
@@ -216,8 +253,32 @@ def drop_privileges(spec: dict) -> None:
             raise OSError("still root after setuid")
 
 
-def become_program(spec: dict, mode: str) -> None:
-    """In the forked child: enter the jail (or the weak fallback) and exec the program."""
+def confine_program(spec: dict, mode: str) -> list:
+    """The kernel layers namespaces do not give (see sandbox_confine); returns the names applied.
+
+    Runs after the uid drop, so the new session keyring belongs to the program.
+    The uid's shared user keyrings are cleared when that uid is ours alone for
+    this run: as root (a leased uid) or in our own user namespace; never in the
+    weak mode as an ordinary user, where they are the job user's own (the
+    filter refuses keyrings there instead).
+    """
+    layers = []
+    if confine.fresh_session_keyring():
+        layers.append("session-keyring")
+        if mode == "namespaces" or spec["outer_root"]:
+            confine.clear_uid_keyrings()
+    if mode == "rlimits":
+        if confine.restrict_with_landlock(spec["readonly_paths"] + ["/dev/null", "/dev/urandom"],
+                                          [spec["scratch_dir"]]):
+            layers.append("landlock")
+        seccomp = confine.weak_mode_filter()
+    else:
+        seccomp = confine.strong_mode_filter(spec["sysv_bounded"])
+    return layers + ["seccomp"] * seccomp + ["sysv-bounded"] * bool(spec.get("sysv_bounded"))
+
+
+def become_program(spec: dict, mode: str, report_w: int) -> None:
+    """In the forked child: enter the jail (or the weak mode) and exec the program."""
     _die_with_parent()
     if mode == "namespaces":
         build_jail_root(spec)
@@ -229,6 +290,7 @@ def become_program(spec: dict, mode: str) -> None:
     drop_privileges(spec)
     _die_with_parent()
     apply_limits(spec)
+    os.write(report_w, f"{LAYERS_PREFIX}{','.join(confine_program(spec, mode))}\n".encode())
     env = dict(CLEAN_ENV, HOME=os.getcwd())
     try:
         os.execve(spec["python"], argv, env)
@@ -274,27 +336,98 @@ def wait_with_deadline(pid: int, wall_s: float) -> dict:
     }
 
 
-def kill_leftovers(pid: int, spec: dict) -> None:
+def kill_leftovers(spec: dict, spare: int | None) -> None:
     """Weak mode has no PID namespace: kill what the program left behind.
 
-    As root we kill every process of the sandbox uid (from a child that became
-    that uid, so nothing else can be hit); otherwise the program's process group.
+    Every process it started is our descendant (we are its child subreaper, so
+    even a daemon that double-forked and called setsid is reparented to us):
+    kill the whole subtree until none is left. As root also every process of
+    the sandbox uid, which is leased to this run alone (from a child that
+    became that uid, so nothing else can be hit). `spare`: our keyring cleaner.
     """
-    if os.geteuid() != 0:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
-    killer = os.fork()
-    if killer == 0:
+    if os.geteuid() == 0:
+        as_sandbox_uid(spec, _kill_all_of_my_uid)
+    deadline = time.monotonic() + 2.0
+    while (pids := descendants(os.getpid(), spare)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        reap_orphans(0.05)
+
+
+def _kill_all_of_my_uid() -> None:
+    for _ in range(3):  # again, for children forked while we were killing
+        os.kill(-1, signal.SIGKILL)
+
+
+def descendants(root: int, spare: int | None = None) -> list:
+    """Pids of every process below `root` except `spare`, from /proc/*/stat parent links."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child == spare:
+                continue
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def as_sandbox_uid(spec: dict, action) -> None:
+    """Run `action` in a child that dropped to the sandbox uid (root only): it can touch nothing else."""
+    child = os.fork()
+    if child == 0:
+        code = 1
         try:
             drop_privileges(spec)
-            for _ in range(3):  # again, for children forked while we were killing
-                os.kill(-1, signal.SIGKILL)
+            action()
+            code = 0
         finally:
-            os._exit(0)
-    os.waitpid(killer, 0)
+            os._exit(code)
+    os.waitpid(child, 0)
+
+
+def _clear_keyrings_of_my_uid() -> None:
+    if confine.fresh_session_keyring():
+        confine.clear_uid_keyrings()
+
+
+def start_keyring_cleaner(spec: dict) -> tuple:
+    """A child, forked before we enter the new PID namespace (whose dead init forbids later forks),
+    that waits for the run to end and then empties the sandbox uid's keyrings. Returns (pid, go_fd)."""
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        code = 1
+        try:
+            if os.read(go_r, 1) == b"1":
+                drop_privileges(spec)
+                _clear_keyrings_of_my_uid()
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    return pid, go_w
+
+
+def finish_keyring_cleaner(cleaner: tuple) -> None:
+    pid, go_w = cleaner
+    os.write(go_w, b"1")
+    os.close(go_w)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise OSError(f"clearing the sandbox uid's keyrings after the run failed (wait status {status})")
 
 
 def reap_orphans(timeout_s: float = 1.0) -> None:
@@ -311,7 +444,10 @@ def reap_orphans(timeout_s: float = 1.0) -> None:
 
 def run(spec: dict) -> dict:
     _die_with_parent()
+    spec["outer_root"] = os.geteuid() == 0
+    cleaner = start_keyring_cleaner(spec) if spec["outer_root"] else None
     mode = enter_namespaces(spec)
+    spec["sysv_bounded"] = mode == "namespaces" and confine.bound_sysv_ipc(spec["memory_bytes"])
     if mode == "rlimits":
         _checked(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
     report_r, report_w = os.pipe2(os.O_CLOEXEC)  # closes by itself when exec succeeds
@@ -320,17 +456,33 @@ def run(spec: dict) -> dict:
     if pid == 0:
         os.close(report_r)
         try:
-            become_program(spec, mode)
+            become_program(spec, mode, report_w)
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised past exec
             os.write(report_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
         os._exit(127)
     os.close(report_w)
     outcome = wait_with_deadline(pid, spec["wall_s"])
     if mode == "rlimits":
-        kill_leftovers(pid, spec)
+        kill_leftovers(spec, cleaner and cleaner[0])
+    if cleaner is not None:  # what the program stored in its uid's keyrings must not reach a later run
+        finish_keyring_cleaner(cleaner)
+    if mode == "rlimits":
         reap_orphans()
-    setup_error = os.read(report_r, 4096).decode(errors="replace")
-    return dict(outcome, isolation=mode, setup_error=setup_error, wall_s=time.monotonic() - start)
+    layers, setup_error = _read_report(report_r)
+    return dict(outcome, isolation=mode, setup_error=setup_error, layers=layers, wall_s=time.monotonic() - start)
+
+
+def _read_report(report_r: int) -> tuple:
+    """(layers the child applied, its setup error or "") from the report pipe."""
+    chunks = []
+    while chunk := os.read(report_r, 4096):
+        chunks.append(chunk)
+    text = b"".join(chunks).decode(errors="replace")
+    layers = []
+    if text.startswith(LAYERS_PREFIX):
+        first, _, text = text.partition("\n")
+        layers = [name for name in first[len(LAYERS_PREFIX):].split(",") if name]
+    return layers, text[:4000]
 
 
 def main() -> None:

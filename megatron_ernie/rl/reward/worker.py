@@ -6,15 +6,14 @@ saying what went wrong, so the controller can count failures by cause instead
 of losing a worker.
 
 Sandboxes run concurrently in threads (each is a separate process, so threads
-only wait). Slot k runs its programs as uid sandbox.uid + k: the process limit
-counts per uid, so one program's fork bomb cannot starve the others.
+only wait). Each run leases its own uid (sandbox.run_python): the process
+limit counts per uid node-wide, so one program's fork bomb cannot starve
+another run, in this worker or in any other on the node.
 """
 
 from __future__ import annotations
 
-import queue
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Sequence
 
 from megatron_ernie.config.rl import SandboxConfig
@@ -49,21 +48,14 @@ class RewardWorker:
             raise ValueError(f"concurrency = {concurrency}: must be >= 1")
         self.sandbox = sandbox or SandboxConfig()
         self.sandbox.validate("rl.sandbox")
-        self._slots: queue.Queue[SandboxConfig] = queue.Queue()
-        for k in range(concurrency):
-            self._slots.put(replace(self.sandbox, uid=self.sandbox.uid + k, gid=self.sandbox.gid + k))
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="reward")
 
-    def _score_in_slot(self, sample: Sample) -> ScoredSample:
-        slot = self._slots.get()
-        try:
-            return score_sample(sample, slot)
-        finally:
-            self._slots.put(slot)
+    def _score(self, sample: Sample) -> ScoredSample:
+        return score_sample(sample, self.sandbox)
 
     def score(self, samples: Sequence[Sample]) -> list[ScoredSample]:
         """ScoredSamples in the order of `samples`."""
-        return list(self._pool.map(self._score_in_slot, samples))
+        return list(self._pool.map(self._score, samples))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
