@@ -2,7 +2,7 @@
 
 One job shape for pretraining (``nodes`` x ``gpus_per_node``, one task per
 GPU) and, for RL, one heterogeneous job whose groups (trainer, rollout,
-reward, teacher, controller) are sized independently.  Validation happens before
+reward, teacher, judge, controller) are sized independently.  Validation happens before
 anything reaches sbatch, so a bad size is reported with the field to change
 instead of a job that waits forever or dies on its first node.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from megatron_ernie.config.errors import ConfigError, require
 
-ROLES = ("trainer", "rollout", "reward", "teacher", "controller")
-MODEL_ROLES = ("trainer", "rollout", "teacher")  # these run megatron-core: on GPUs, or on CPUs with gloo
+ROLES = ("trainer", "rollout", "reward", "teacher", "judge", "controller")
+MODEL_ROLES = ("trainer", "rollout", "teacher", "judge")  # these run megatron-core: on GPUs, or on CPUs with gloo
 
 
 def parse_time_limit(text: str) -> int:
@@ -86,6 +86,8 @@ class SlurmConfig:
     reward: HetGroupConfig = field(default_factory=lambda: HetGroupConfig(nodes=0))  # 0: rewards in the controller
     # the distillation teachers ([rl.distill]); task r serves the (r mod #aliases)-th alias. 0: no teachers
     teacher: GpuGroupConfig = field(default_factory=lambda: GpuGroupConfig(nodes=0))
+    # the learned judge ([rl.judge]); every task serves the one judge checkpoint. 0: no judge
+    judge: GpuGroupConfig = field(default_factory=lambda: GpuGroupConfig(nodes=0))
     controller: HetGroupConfig = field(default_factory=HetGroupConfig)
 
     def cpu_model_roles(self) -> list[str]:
@@ -137,17 +139,31 @@ class SlurmConfig:
             require(option.startswith("-"), f"{path}.extra_sbatch", option,
                      "write each entry as an sbatch option, e.g. '--constraint=h100'")
 
+    def check_scorer_group(self, path: str, role: str, needed: int, what: str) -> None:
+        """A scorer group (teacher, judge) must run at least `needed` tasks when the run declares its
+        scorers, and must be absent when it declares none (its tasks would idle). `what` names the
+        declaration in the messages, e.g. "rl.judge.checkpoint"."""
+        group = getattr(self, role)
+        tasks = group.nodes * group.ntasks_per_node
+        if needed:
+            require(tasks >= needed, f"{path}.{role}.nodes", group.nodes,
+                    f"{what} needs {needed} {role} task(s) but the {role} group runs {tasks} "
+                    f"({path}.{role}.nodes x tasks per node); give it at least {needed}")
+        else:
+            require(group.nodes == 0, f"{path}.{role}.nodes", group.nodes,
+                    f"a {role} group without {what} would idle; set it to 0 or declare {what}")
+
     def check_teachers(self, path: str, aliases) -> None:
         """A run with [rl.distill] teachers needs a teacher group with a task for every alias, and vice versa."""
-        group = self.teacher
-        tasks = group.nodes * group.ntasks_per_node
-        if aliases:
-            require(tasks >= len(aliases), f"{path}.teacher.nodes", group.nodes,
-                    f"rl.distill.teachers has {len(aliases)} aliases {list(aliases)} but the teacher group runs "
-                    f"{tasks} tasks ({path}.teacher.nodes x tasks per node); give every alias at least one")
-        else:
-            require(group.nodes == 0, f"{path}.teacher.nodes", group.nodes,
-                    "a teacher group without rl.distill.teachers would idle; set it to 0 or declare the teachers")
+        aliases = list(aliases)
+        self.check_scorer_group(path, "teacher", len(aliases),
+                                f"rl.distill.teachers ({len(aliases)} aliases {aliases}, one task each)"
+                                if aliases else "rl.distill.teachers")
+
+    def check_judge(self, path: str, judged: bool) -> None:
+        """A run with an [rl.judge] checkpoint needs a judge group (any number of tasks share the one
+        judge), and a judge group needs a judge."""
+        self.check_scorer_group(path, "judge", 1 if judged else 0, "rl.judge.checkpoint")
 
     def validate_rl(self, path: str) -> None:
         """Rules for the heterogeneous RL job (called by ``ernie submit rl``)."""

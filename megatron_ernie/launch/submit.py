@@ -59,6 +59,7 @@ def load_submission(args: argparse.Namespace) -> tuple[SlurmConfig, JobSpec]:
     if args.kind == "rl":
         check_rollout_replicas(slurm, raw.get("rl", {}).get("system", {}).get("rollout_tensor", 1))
         slurm.check_teachers("slurm", sorted(raw.get("rl", {}).get("distill", {}).get("teachers", {})))
+        slurm.check_judge("slurm", bool(raw.get("rl", {}).get("judge", {}).get("checkpoint", "")))
     return slurm, job
 
 

@@ -116,7 +116,7 @@ def _stage(name: str, kind: str, source: StageConfig, stage: StageConfig, home: 
            after: tuple, extra: dict) -> Stage:
     field = f"pipeline.{name.split('/')[0]}"
     raw = apply_overrides(read_toml(_absolute(home, source.config)), stage.set)
-    raw = _teacher_group(_merge(raw, extra))
+    raw = _scorer_groups(_merge(raw, extra))
     raw = _link(raw, run_dir, start, stage.steps)
     raw = _select_tasks(raw, stage.tasks, f"{field}.tasks")
     cfg = _validated(raw, f"{field}.config")
@@ -136,17 +136,24 @@ def _merge(raw: dict, extra: dict) -> dict:
     return out
 
 
-def _teacher_group(raw: dict) -> dict:
-    """On Slurm the OPD stage's teachers run in their own het group ([slurm.teacher]); a stage config
-    that sizes none (it is usually the experts' config) gets one node with a task per teacher, one
-    node more for the job. A config that sizes the group itself is left as it is."""
-    teachers = raw.get("rl", {}).get("distill", {}).get("teachers", {})
+def _scorer_groups(raw: dict) -> dict:
+    """On Slurm a stage's scorers run in their own het groups: OPD's teachers in [slurm.teacher] (a task
+    per teacher), general RL's learned judge in [slurm.judge] (one task). A stage config that sizes no
+    such group (it is usually the experts' config) gets one node with those tasks, one node more for
+    the job. A config that sizes the group itself is left as it is."""
+    rl = raw.get("rl", {})
+    raw = _scorer_group(raw, "teacher", len(rl.get("distill", {}).get("teachers", {})))
+    return _scorer_group(raw, "judge", 1 if rl.get("judge", {}).get("checkpoint", "") else 0)
+
+
+def _scorer_group(raw: dict, role: str, tasks: int) -> dict:
+    """[slurm.<role>] with one node of `tasks` tasks, unless there is nothing to score or it is sized."""
     slurm = raw.get("slurm", {})
-    if not teachers or slurm.get("teacher", {}).get("nodes", 0):
+    if not tasks or slurm.get(role, {}).get("nodes", 0):
         return raw
     out = copy.deepcopy(raw)
-    group = {**slurm.get("teacher", {}), "nodes": 1, "tasks_per_node": len(teachers)}
-    out["slurm"] = {**slurm, "teacher": group, "nodes": slurm.get("nodes", 1) + 1}
+    group = {**slurm.get(role, {}), "nodes": 1, "tasks_per_node": tasks}
+    out["slurm"] = {**slurm, role: group, "nodes": slurm.get("nodes", 1) + 1}
     return out
 
 
