@@ -128,3 +128,24 @@ def test_het_job_with_a_judge_group_rewards_open_ended_by_the_judge(slurm_cluste
         assert 0 < m["judge/score"] < 1 and 0 <= m["judge/rubric_reward"] <= 1
         arithmetic = m.get("reward/arithmetic", 0.0)  # every open_ended sample judged: the mean splits in two
         assert m["reward/mean"] == pytest.approx((n * m["judge/score"] + (batch - n) * arithmetic) / batch)
+
+
+def test_pipeline_submission_renders_the_general_stage_with_its_judge_group(tmp_path, capsys):
+    """`ernie pipeline --submit --dry-run` of the tiny pipeline: general RL's het job has a judge group
+    (one node, one task) that reads the judge stage's output; OPD's has its teachers, and no judge."""
+    from megatron_ernie.posttrain.pipeline import main as pipeline
+
+    rl = json.dumps(["slurm.nodes=3", "slurm.trainer.gpus_per_node=1", "slurm.rollout.gpus_per_node=1",
+                     "slurm.reward.nodes=0", "rl.system.reward_workers=0"])
+    sets = [f'pipeline.dir="{tmp_path / "out"}"', f"pipeline.expert.set={rl}", f"pipeline.opd.set={rl}",
+            f'pipeline.general.set={json.dumps([*json.loads(rl), "rl.algorithm.kl_coef=0.05"])}']
+    args = ["--config", str(REPO / "configs" / "posttrain_tiny_cpu.toml"), "--submit", "--dry-run"]
+    assert pipeline(args + [a for s in sets for a in ("--set", s)]) == 0
+    scripts = dict(part.split(" (after", 1) for part in capsys.readouterr().out.split("# ---- ")[1:])
+    general, opd = scripts["general"], scripts["opd"]
+    assert "export ERNIE_HET_ROLES=trainer,rollout,judge,controller" in general.splitlines()
+    judge = general.split("# het group 2: judge (1 nodes x 1 tasks)\n")[1].split("#SBATCH hetjob")[0]
+    assert "#SBATCH --nodes=1" in judge and "#SBATCH --ntasks-per-node=1" in judge
+    assert "export ERNIE_HET_ROLES=trainer,rollout,teacher,controller" in opd.splitlines()
+    stage = (tmp_path / "out" / "general" / "stage.toml").read_text()
+    assert f'checkpoint = "{tmp_path / "out" / "judge" / "checkpoints"}' in stage
