@@ -11,7 +11,11 @@ recipe            "off", or how scaling factors are chosen (TE recipe in bracket
                               power-of-two scales, DeepSeek-V3 style (Float8BlockScaling)
                   "mxfp8"     32-element blocks with E8M0 scales (MXFP8BlockScaling, Blackwell)
 format            "hybrid": E4M3 forward, E5M2 gradients; "e4m3": E4M3 everywhere.
-backend           "te": Transformer Engine on a GPU; "emulate": our CPU/GPU emulation.
+backend           "te": Transformer Engine on a GPU; "emulate": our CPU/GPU emulation
+                  (dequantise, fp32 GEMMs); "torch": the same recipes and layers as
+                  "emulate", but real FP8 GEMMs through torch._scaled_mm (Hopper/Ada
+                  GPUs, and torch's CPU kernel), for containers without TE. Its
+                  per-rank linear widths must be multiples of 16 (cuBLAS FP8).
 amax_history_len, amax_compute_algo ("max" | "most_recent"), margin:
                   delayed-scaling knobs (TE's defaults: 1024, "max", 0). The history
                   knobs are read by "delayed" only; a non-zero margin with any other
@@ -20,7 +24,7 @@ bf16_layers_at_start / bf16_layers_at_end:
                   transformer layers kept in bf16 (megatron-core first_last_layers_bf16).
 experts_in_fp8    run the MoE expert GEMMs (grouped or sequential) in FP8.
 output_layer_in_fp8
-                  "emulate" only: the LM head in FP8. megatron-core builds its output
+                  "emulate"/"torch" only: the LM head in FP8. megatron-core builds its output
                   layer outside TE, so with "te" it is always high precision. With
                   "delayed" its scaling state is checkpointed as
                   output_layer.fp8_scaling._extra_state, so a checkpoint saved without
@@ -46,7 +50,7 @@ from megatron_ernie.config.errors import ConfigError
 
 RECIPES = ("off", "delayed", "current", "blockwise", "mxfp8")
 FORMATS = ("hybrid", "e4m3")
-BACKENDS = ("te", "emulate")
+BACKENDS = ("te", "emulate", "torch")
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 
 
@@ -102,7 +106,7 @@ class FP8Config:
             )
         if self.backend == "te":
             self._validate_te(path)
-        else:
+        else:  # "emulate" and "torch" share the layers, so they share the rules
             self._validate_emulate(path)
 
     def _validate_te(self, path: str) -> None:
@@ -132,7 +136,7 @@ class FP8Config:
             raise ConfigError(
                 f"{path}.param_gather", True,
                 "FP8 parameter all-gather needs Transformer Engine's FP8 tensors; use "
-                "backend 'te' or set param_gather = false",
+                f"backend 'te' (not '{self.backend}') or set param_gather = false",
             )
 
 

@@ -1,8 +1,9 @@
-"""The emulated FP8 linear layer: y = x W^T + b with TE's FP8 numerics, on any device.
+"""The FP8 linear layer: y = x W^T + b with TE's FP8 numerics, on any device.
 
-Forward quantises x and W with the recipe's forward format, dequantises and
-multiplies in fp32 (an FP8 tensor-core GEMM accumulates in fp32 too), adds the
-bias and returns the activation dtype. Backward quantises dy with the backward
+Forward quantises x and W with the recipe's forward format, multiplies them
+with the recipe's GEMMs (gemm.py: dequantised in fp32 for backend "emulate",
+real FP8 GEMMs through torch._scaled_mm for "torch"; both accumulate in fp32),
+adds the bias and returns the activation dtype. Backward quantises dy with the backward
 format and computes dgrad from (dy, W) and wgrad from (dy, x), each operand in
 the layout TE uses for that GEMM (see recipes.py). With wgrad_in_fp8 = False the
 wgrad GEMM uses the unquantised x and dy (TE's override_linear_precision).
@@ -20,15 +21,18 @@ import torch
 from megatron_ernie.precision.recipes import EmulatedRecipe, LinearScalingState
 
 
-def _fp32(operand) -> torch.Tensor:
-    return operand.float() if isinstance(operand, torch.Tensor) else operand.dequantize()
+def _wgrad(recipe: EmulatedRecipe, g_quantized, g2d, x_wgrad) -> torch.Tensor:
+    """dW = dy^T x: an FP8 GEMM, or fp32 on the unquantised operands when wgrad_in_fp8 is off."""
+    if recipe.wgrad_in_fp8:
+        return recipe.gemms.wgrad(g_quantized, x_wgrad)
+    return g2d.float().t() @ x_wgrad.float()
 
 
 def _fprop(x2d, weight, bias, recipe: EmulatedRecipe, state, amax_group, need_dgrad, need_wgrad):
     """Forward GEMM of a 2-D input; also returns the operands backward needs (TE saves the same)."""
     x_fprop, x_wgrad = recipe.quantize_input(x2d, state, amax_group, need_wgrad)
     w_fprop, w_dgrad = recipe.quantize_weight(weight, state, amax_group, need_dgrad)
-    out = x_fprop.dequantize() @ w_fprop.dequantize().t()
+    out = recipe.gemms.fprop(x_fprop, w_fprop)
     if bias is not None:
         out = out + bias.float()
     if need_wgrad and not recipe.wgrad_in_fp8:
@@ -65,10 +69,9 @@ class EmulatedFP8LinearFunction(torch.autograd.Function):
         )
         dx = dw = db = None
         if need_dgrad:
-            dx = (g_dgrad.dequantize() @ ctx.w_dgrad.dequantize()).to(x_dtype).reshape(x_shape)
+            dx = recipe.gemms.dgrad(g_dgrad, ctx.w_dgrad).to(x_dtype).reshape(x_shape)
         if need_wgrad:
-            g_w = g_wgrad if recipe.wgrad_in_fp8 else g2d
-            dw = (_fp32(g_w).t() @ _fp32(ctx.x_wgrad)).to(w_dtype)
+            dw = _wgrad(recipe, g_wgrad, g2d, ctx.x_wgrad).to(w_dtype)
         if need_bgrad:
             db = g2d.float().sum(dim=0).to(b_dtype)
         ctx.w_dgrad = ctx.x_wgrad = None

@@ -1,4 +1,4 @@
-"""megatron-core linear layers whose GEMMs run through the FP8 emulation.
+"""megatron-core linear layers whose GEMMs run in FP8 (emulated, or real with backend "torch").
 
 `fp8_linear_classes(cfg)` returns subclasses of megatron-core's
 ColumnParallelLinear / RowParallelLinear. They keep the parents' parameters,
@@ -41,7 +41,9 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
+from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.config.fp8 import FP8Config
+from megatron_ernie.precision.gemm import GEMM_ALIGNMENT
 from megatron_ernie.precision.linear import emulated_fp8_linear
 from megatron_ernie.precision.recipes import build_emulated_recipe
 
@@ -60,8 +62,16 @@ class _EmulatedFP8Mixin:
     fp8_config: FP8Config
 
     def _init_fp8(self) -> None:
+        if self.fp8_config.backend == "torch":
+            check_scaled_mm_shape(self._per_rank_weight_shape(), type(self).__name__)
         self.fp8_recipe = build_emulated_recipe(self.fp8_config)
         self.fp8_state = self.fp8_recipe.new_state()
+
+    def _per_rank_weight_shape(self) -> Tuple[int, int]:
+        """[out, in] of this rank's weight (also when the weight is passed in, e.g. a tied LM head)."""
+        out = getattr(self, "output_size_per_partition", None) or self.output_size
+        inp = getattr(self, "input_size_per_partition", None) or self.input_size
+        return out, inp
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
                       allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
@@ -92,6 +102,24 @@ class _EmulatedFP8Mixin:
         """Restore the meta; None (a bf16 or stateless checkpoint) keeps fresh scales."""
         if CHILD_STATE_NAME not in self._modules:
             _load_scaling_state(self.fp8_recipe, self.fp8_state, state)
+
+
+def check_scaled_mm_shape(shape: Tuple[int, int], layer: str) -> None:
+    """backend "torch": cuBLAS FP8 GEMMs need both weight dims to be multiples of 16.
+
+    Both are a K or N of some GEMM (fprop: K = in, N = out; dgrad: K = out,
+    N = in). Token counts vary per micro-batch and expert, so gemm.py pads
+    those instead; a weight would have to be padded on every call.
+    """
+    bad = [size for size in shape if size % GEMM_ALIGNMENT]
+    if bad:
+        raise ConfigError(
+            "fp8.backend", "torch",
+            f"{layer} has a per-rank weight of shape {list(shape)}; real FP8 GEMMs need both "
+            f"dims to be multiples of {GEMM_ALIGNMENT}. Choose model sizes (hidden_size, "
+            "ffn_hidden_size, expert_ffn_hidden_size, heads x kv_channels, divided by the tensor "
+            "parallel size) that are, keep this layer in bf16, or set backend = \"emulate\"",
+        )
 
 
 def _pack_scaling_state(recipe, state) -> Optional[dict]:
@@ -166,7 +194,7 @@ def fp8_linear_classes(cfg: FP8Config) -> Tuple[type, type]:
     """
     if not cfg.enabled:
         return ColumnParallelLinear, RowParallelLinear
-    suffix = f"{cfg.recipe.capitalize()}{cfg.format.upper()}"
+    suffix = f"{cfg.recipe.capitalize()}{cfg.format.upper()}" + ("Torch" if cfg.backend == "torch" else "")
     column = type(f"FP8{suffix}ColumnParallelLinear",
                   (EmulatedFP8ColumnParallelLinear,), {"fp8_config": cfg})
     row = type(f"FP8{suffix}RowParallelLinear",

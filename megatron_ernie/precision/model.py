@@ -11,6 +11,12 @@ itself is told nothing (fp8=None), so it never looks for Transformer Engine.
 The rewrite needs megatron-core's local spec: where the build would use the
 TE spec (TE and a GPU present), "emulate" is refused with a ConfigError.
 
+backend "torch": the same layers and spec rewrite as "emulate"; their GEMMs
+are real FP8 GEMMs (torch._scaled_mm, precision/gemm.py). Before the build we
+prove that this torch runs them on this device (a tiny GEMM per format pair),
+else a ConfigError names fp8.backend; layer widths that cuBLAS cannot take are
+refused when the layer is built (megatron_linear.py).
+
 backend "te": Transformer Engine does the FP8 GEMMs. megatron-core gets its
 FP8 TransformerConfig fields (precision/te.py) and builds the TE spec; no spec
 is rewritten. Both steps first prove that TE imports and a GPU exists, and
@@ -58,9 +64,25 @@ def _emulated_extensions(fp8: FP8Config, num_layers: int) -> Extensions:
         raise ConfigError("fp8.backend", fp8.backend,
                           "Transformer Engine is usable here, so the model is built from TE layers "
                           "that the emulation cannot replace; set backend = \"te\"")
+    if fp8.backend == "torch":
+        validate_scaled_mm_runtime(fp8)
     post_build = (functools.partial(_convert_output_layer, fp8),) if fp8.output_layer_in_fp8 else ()
     return Extensions(layer_spec=(functools.partial(_rewrite_layer, fp8, num_layers),),
                       post_build=post_build)
+
+
+def validate_scaled_mm_runtime(fp8: FP8Config, device=None) -> None:
+    """backend "torch": this torch must run FP8 GEMMs on the training device, or a ConfigError."""
+    import torch
+
+    from megatron_ernie.precision.gemm import scaled_mm_unavailable_reason
+
+    reason = scaled_mm_unavailable_reason(device)
+    if reason is not None:
+        raise ConfigError("fp8.backend", fp8.backend,
+                          f"real FP8 GEMMs cannot run here with torch {torch.__version__}: {reason}; "
+                          "set backend = \"emulate\" (same numerics, fp32 GEMMs) or run on a "
+                          "Hopper/Ada GPU")
 
 
 def _rewrite_layer(fp8: FP8Config, num_layers: int, index: int, spec):

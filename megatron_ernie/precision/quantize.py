@@ -47,6 +47,18 @@ class QuantizedTensor:
         full = tiled.reshape(grid_r * rows, grid_c * cols)
         return full[: self.shape[0], : self.shape[1]]
 
+    def transposed(self) -> "QuantizedTensor":
+        """The same FP8 values as the transposed tensor (a view of the data, no requantisation).
+
+        A per-tensor scale is unchanged; a block layout swaps its tile shape and
+        its scale grid. This is how a GEMM takes an operand along its other
+        dimension (e.g. W [out, in] as W^T for dgrad) without quantising again.
+        """
+        block = None if self.block is None else (self.block[1], self.block[0])
+        scale_inv = self.scale_inv if self.block is None else self.scale_inv.t()
+        shape = torch.Size((self.shape[1], self.shape[0]))
+        return QuantizedTensor(self.data.t(), scale_inv, self.fmt, shape, block)
+
 
 def quantize_tensorwise(x: torch.Tensor, fmt: FP8Format, scale: torch.Tensor) -> QuantizedTensor:
     """Per-tensor quantisation with a given fp32 scale (delayed or current scaling)."""

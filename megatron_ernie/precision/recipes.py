@@ -1,4 +1,4 @@
-"""Emulated FP8 recipes: how each GEMM operand of a linear layer is quantised.
+"""FP8 recipes: how each GEMM operand of a linear layer is quantised.
 
 A linear layer y = x W^T runs three GEMMs, and TE quantises every operand of
 each along that GEMM's reduction dimension (x: [tokens, in], W: [out, in],
@@ -16,6 +16,10 @@ rowwise and the columnwise copies separately from the high-precision tensor, as
 TE's Float8BlockScaling and MXFP8BlockScaling do, because a transposed block
 layout is not the same quantisation; the 128x128 weight tiles are symmetric, so
 one copy serves both. Bias gradients come from the unquantised dy, as in TE.
+
+The quantisation is the same for fp8.backend "emulate" and "torch"; a recipe's
+`gemms` (gemm.py) then multiplies the operands, dequantised in fp32 or as real
+FP8 GEMMs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Optional, Tuple
 
 from megatron_ernie.config.fp8 import FP8Config
 from megatron_ernie.precision.formats import FP8Format, formats_for
+from megatron_ernie.precision.gemm import gemms_for_backend
 from megatron_ernie.precision.quantize import (
     Block,
     QuantizedTensor,
@@ -97,6 +102,7 @@ class EmulatedRecipe:
     def __init__(self, cfg: FP8Config):
         self.fwd, self.bwd = formats_for(cfg.format)
         self.wgrad_in_fp8 = cfg.wgrad_in_fp8
+        self.gemms = gemms_for_backend(cfg.backend)  # how quantised operands are multiplied
 
     def new_state(self) -> Optional[LinearScalingState]:
         return None

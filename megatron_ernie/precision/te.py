@@ -16,7 +16,7 @@ proves that TE imports and a GPU exists, so FP8 can never quietly become bf16.
 Importing TE without CUDA can raise RuntimeError or OSError, not only
 ImportError, hence the broad `except Exception` in the probe.
 
-With backend "emulate", megatron-core gets `fp8=None` (it must not look for TE)
+With backend "emulate" or "torch", megatron-core gets `fp8=None` (it must not look for TE)
 and FP8 comes from the layer specs instead (megatron_linear.apply_fp8_to_spec).
 """
 
@@ -154,7 +154,7 @@ def te_recipe_kwargs(cfg: FP8Config, accepted: set) -> dict:
 
 def megatron_fp8_fields(cfg: FP8Config) -> dict:
     """megatron-core TransformerConfig FP8 fields for cfg, without any runtime check."""
-    if not cfg.enabled or cfg.backend == "emulate":
+    if not cfg.enabled or cfg.backend != "te":  # "emulate"/"torch": FP8 comes from the layer specs
         return {"fp8": None, "fp8_param": False}
     bf16_layers = cfg.bf16_layers_at_start > 0 or cfg.bf16_layers_at_end > 0
     return {
