@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from megatron_ernie import config as C
 
@@ -144,23 +145,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+# Errors that describe bad input (each message names the file or field and the fix), by the
+# module that defines them: an error can only come from a module that was imported.
+USER_ERRORS = {"megatron_ernie.config.errors": "ConfigError", "megatron_ernie.data.corpus": "CorpusError",
+               "megatron_ernie.checkpoint.errors": "CheckpointError", "megatron_ernie.convert.errors": "ConvertError",
+               "megatron_ernie.launch.submit": "SubmitError"}
+
+
+def _is_user_error(err: BaseException) -> bool:
+    kinds = tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
+    return isinstance(err, kinds)
+
+
+def _first_to_report() -> bool:
+    """Under a launcher every rank fails the same way: only the first rank to fail prints.
+
+    The ranks of a job step share a node-local marker file named after the launch (torchrun's
+    run id and master port, or Slurm's job and step); creating it exclusively elects the reporter.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    import tempfile
+
+    launch = "-".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_PORT", "SLURM_JOB_ID",
+                                                         "SLURM_STEP_ID"))
+    marker = Path(tempfile.gettempdir()) / f"ernie-error-{launch.replace(os.sep, '_')}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return os.environ.get("RANK", "0") == "0"
+
+
+def _report(command: str, err: BaseException) -> int:
+    """One line on stderr for an error that escaped a subcommand; 2 for bad input, 1 for a bug."""
+    if not _first_to_report():
+        return 2 if _is_user_error(err) else 1
+    if _is_user_error(err):
+        print(f"ernie {command}: error: {err}", file=sys.stderr)
+        return 2
+    text = " ".join(str(err).split())[:400]
+    print(f"ernie {command}: internal error: {type(err).__name__}: {text} (rerun with --debug, or set "
+          f"ERNIE_DEBUG=1, for the full traceback; please report it)", file=sys.stderr)
+    return 1
+
+
+def _dispatch(argv: list) -> int:
     if argv and (argv[0] in PASSTHROUGH or argv[0] in ENTRY):
         import importlib
 
         module, func = ENTRY.get(argv[0], (PASSTHROUGH.get(argv[0]), "main"))
-        try:
-            return getattr(importlib.import_module(module), func)(argv[1:])
-        except C.ConfigError as err:
-            print(f"ernie {argv[0]}: error: {err}", file=sys.stderr)
-            return 2
+        return getattr(importlib.import_module(module), func)(argv[1:])
     args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def main(argv=None) -> int:
+    """Run one subcommand; whatever escapes it becomes one line (``--debug``: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("ERNIE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv else "ernie"
     try:
-        return args.func(args)
-    except C.ConfigError as err:
-        print(f"ernie: config error: {err}", file=sys.stderr)
-        return 2
+        return _dispatch(argv)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as err:  # noqa: BLE001 - the one place every error ends up
+        if debug:
+            raise
+        return _report(command, err)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.errors import ConfigError, require
 from megatron_ernie.config.loader import apply_overrides, build, dumps, read_toml
 from megatron_ernie.config.schema import ErnieConfig
 
@@ -25,10 +25,13 @@ def validate(cfg: ErnieConfig, world_size: int | None = None) -> None:
         section = getattr(cfg, f.name)
         if hasattr(section, "validate"):
             section.validate(f.name)
-    if world_size is not None:
-        from megatron_ernie.config.checks import check_all
+    from megatron_ernie.config.checks import check_all, check_elastic_vs_model, check_rl_tasks
 
+    if world_size is not None:
+        require(world_size >= 1, "--world-size", world_size, "give the number of processes (>= 1)")
         check_all(cfg, world_size)
+    check_elastic_vs_model(cfg.elastic, cfg.model, cfg.moe)  # needs no world size: show-config checks it too
+    check_rl_tasks(cfg.rl.tasks)
 
 
 def save_resolved(cfg: ErnieConfig, run_dir: str | Path) -> Path:

@@ -66,6 +66,28 @@ def check_top1_routing(elastic, moe) -> None:
                "top-1 routing needs moe.router_pre_softmax = true (softmax over all experts)")
 
 
+def check_elastic_vs_model(elastic, model, moe) -> None:
+    """Every elastic choice must be a sub-network of this model: at most its layers, experts and
+    top-k, and a width fraction that keeps a whole number of expert FFN channels."""
+    if not elastic.enabled:
+        return
+    from megatron_ernie.elastic.subnet import kept_channels, layer_ranking
+
+    limits = {"depth": (model.num_layers, "model.num_layers"), "experts": (max(moe.num_experts, 1), "moe.num_experts"),
+              "topk": (max(moe.router_topk, 1), "moe.router_topk")}
+    for axis, (limit, source) in limits.items():
+        bad = [v for v in getattr(elastic, axis) if not 1 <= v <= limit]
+        require(not bad, f"elastic.{axis}", list(getattr(elastic, axis)),
+               f"{bad} exceeds {source}={limit}: the supernet has no such sub-network; use values in 1..{limit}")
+    width = moe.expert_ffn_hidden_size if moe.num_experts else model.ffn_hidden_size
+    for f in elastic.ffn:
+        kept = kept_channels(f, width)
+        require(kept >= 1 and abs(kept - f * width) < 1e-6, "elastic.ffn", list(elastic.ffn),
+               f"{f} x {width} FFN channels is not a whole number; use fractions like "
+               f"{sorted({round(k / width, 6) for k in (width // 4, width // 2, width) if k})}")
+    layer_ranking(model.num_layers, elastic.layer_order)  # a permutation of the layers, else ConfigError
+
+
 def check_elastic_vs_parallel(elastic, model, moe, par) -> None:
     """Every pipeline stage must keep at least one layer in every allowed depth."""
     if not elastic.enabled:
@@ -97,3 +119,16 @@ def check_all(cfg, world: int) -> None:
     check_moe_vs_parallel(cfg.model, cfg.moe, cfg.parallel)
     check_elastic_vs_parallel(cfg.elastic, cfg.model, cfg.moe, cfg.parallel)
     check_batch(cfg.train, cfg.parallel, world)
+
+
+def check_rl_tasks(tasks) -> None:
+    """Every [[rl.tasks]] entry names a registered task (importing its module first), so an
+    unknown name fails at config load instead of in a reward worker minutes into a run."""
+    from megatron_ernie.config.rl import TaskConfig
+
+    if tuple(tasks) == (TaskConfig(),):  # the default: nothing to import for a pretraining config
+        return
+    from megatron_ernie.rl.tasks import resolve_task
+
+    for i, task in enumerate(tasks):
+        resolve_task(task, f"rl.tasks[{i}]")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from pathlib import Path
@@ -43,6 +44,8 @@ def _coerce(path: str, value: Any, annotation) -> Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, value, "must be a finite number (TOML's inf and nan are not settings)")
     if kind is int and isinstance(value, bool) or not isinstance(value, kind):
         hint = "; quote it, e.g. --set 'key=\"value\"'" if kind is str else ""
         raise ConfigError(path, str(value), f"expected a {kind.__name__}, got {type(value).__name__}{hint}")
@@ -106,9 +109,22 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError("--config", str(path), "no such file; see configs/ for examples")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(decode_utf8(path, "--config"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError("--config", str(path), f"is not valid TOML: {err}") from None
+
+
+def decode_utf8(path: Path, field: str) -> str:
+    """The text of ``path``; a file that is not UTF-8 (TOML requires it) is a ConfigError naming
+    the line and byte, not a UnicodeDecodeError from deep in the reader."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(field, str(path), f"is not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, "
+                                            f"column {column}); save it with UTF-8 encoding") from None
 
 
 def _toml_value(value) -> str:
