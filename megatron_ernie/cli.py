@@ -30,6 +30,15 @@ def _load(args) -> C.ErnieConfig:
     return cfg
 
 
+def _load_job(args) -> C.ErnieConfig:
+    """The config of a training job, validated, with its run directory proven writable."""
+    from megatron_ernie.config.outputs import check_writable_dir
+
+    cfg = _load(args)
+    check_writable_dir("run.dir", cfg.run.dir, "run directory")
+    return cfg
+
+
 def pretrain_objective(cfg: C.ErnieConfig):
     """What a pretraining step computes: the elastic sandwich for a supernet, else plain LM."""
     if cfg.elastic.enabled:
@@ -57,7 +66,7 @@ def cmd_pretrain(args) -> int:
     from megatron_ernie.train.loop import pretrain
 
     _with_resume(args)
-    cfg = _load(args)
+    cfg = _load_job(args)
     return _exit(pretrain(cfg, pretrain_objective(cfg)))
 
 
@@ -66,7 +75,7 @@ def cmd_sft(args) -> int:
 
     # a base checkpoint (checkpoint.load) gives weights only; --set checkpoint.load_weights_only=false undoes it
     _with_resume(args, first=["checkpoint.load_weights_only=true"])
-    cfg = _load(args)
+    cfg = _load_job(args)
     objective, source = sft_job(cfg)
     return _exit(pretrain(cfg, objective, source))
 

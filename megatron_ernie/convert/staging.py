@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.outputs import check_writable_dir
 
 
 def check_new_output(out, field: str) -> Path:
@@ -23,7 +24,9 @@ def check_new_output(out, field: str) -> Path:
     if out.exists():
         raise ConfigError(field, str(out), "already exists; remove it or choose a new directory")
     if not out.parent.is_dir():
+        check_writable_dir(field, out.parent)  # a file in the way, or not writable: say which
         raise ConfigError(field, str(out), f"the parent directory {out.parent} does not exist; create it first")
+    check_writable_dir(field, out.parent)
     return out
 
 

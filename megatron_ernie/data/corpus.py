@@ -145,13 +145,12 @@ def _user_file_documents(source: str, json_key: str, field: str) -> Iterator[str
 def _txt_documents(path: Path) -> Iterator[str]:
     """Blank-line-separated blocks of a text file (see the module docstring)."""
     block: list[str] = []
-    with open(path, encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                block.append(line.rstrip("\r\n"))
-            elif block:
-                yield "\n".join(block)
-                block = []
+    for _, line in _utf8_lines(path):
+        if line.strip():
+            block.append(line.rstrip("\r\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
     if block:
         yield "\n".join(block)
 
@@ -170,15 +169,26 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON) for each non-blank line, with file:line on bad JSON."""
-    with open(path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+    for line_number, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield line_number, json.loads(line)
+        except json.JSONDecodeError as error:
+            reason = f"{error.msg} at column {error.colno}"
+            raise CorpusError(f"{path}:{line_number}: not valid JSON ({reason})") from None
+
+
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line; a line that is not UTF-8 is a CorpusError naming the
+    file, line and byte (read in binary, decoded line by line, so the line number is exact)."""
+    with open(path, "rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
             try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as error:
-                reason = f"{error.msg} at column {error.colno}"
-                raise CorpusError(f"{path}:{line_number}: not valid JSON ({reason})") from None
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CorpusError(f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                  f"{error.start + 1}); convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _non_empty(documents: Iterator[str], source: str) -> Iterator[str]:

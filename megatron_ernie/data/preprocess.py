@@ -19,6 +19,7 @@ from itertools import islice
 from typing import Iterable, Iterator
 
 from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.config.outputs import check_writable_prefix
 from megatron_ernie.data.corpus import BUILTIN_SOURCES, CorpusError, iter_documents
 from megatron_ernie.data.indexed import verify_indexed_dataset, write_indexed_dataset
 from megatron_ernie.data.tokenizer import ByteBPETokenizer, load_tokenizer, train_tokenizer
@@ -59,6 +60,9 @@ def preprocess(
     ``tokenizer_out`` (default ``<output_prefix>.tokenizer.json``). The source
     is read twice (train, then encode) so memory stays bounded.
     """
+    check_writable_prefix("--output-prefix", output_prefix)
+    if tokenizer_out:
+        check_writable_prefix("--tokenizer-out", tokenizer_out)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     if tokenizer_path:
         tokenizer = load_tokenizer(tokenizer_path, field="--tokenizer")

@@ -93,8 +93,7 @@ def extract(run, s: Subnet, out_dir: Path) -> tuple[Path, int]:
     n_params = sum(p.numel() for p in sub_model[0].parameters())
     sub = dataclasses.replace(sub, run=dataclasses.replace(sub.run, dir=str(out_dir)),
                               checkpoint=dataclasses.replace(sub.checkpoint, load=""))
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(out_dir)
     C.save_resolved(sub, tmp)
     run.data.tokenizer.save(str(tmp / "tokenizer.json"))
     meta = store.Meta(iteration=0, consumed_samples=0, consumed_tokens=0, layout={"world": 1},
@@ -104,6 +103,24 @@ def extract(run, s: Subnet, out_dir: Path) -> tuple[Path, int]:
                       files={"config.toml": tmp / "config.toml", "tokenizer.json": tmp / "tokenizer.json"})
     os.replace(tmp, out_dir)
     return out_dir / "checkpoints" / path.name, n_params
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """Where the extraction is written before the rename to ``out_dir``."""
+    return out_dir.with_name(out_dir.name + ".tmp")
+
+
+def check_new_output_dir(out: Path) -> None:
+    """``out`` is new and writable, and its staging directory is not someone else's: an existing
+    ``<out>.tmp`` may be another extraction still running or a user's files, so it is never deleted."""
+    from megatron_ernie.config.outputs import check_writable_dir
+
+    if out.exists():
+        raise ConfigError("--out", str(out), "already exists; choose a new directory")
+    check_writable_dir("--out", out)
+    if staging_dir(out).exists():
+        raise ConfigError("--out", str(out), f"{staging_dir(out)} exists (another extraction running, or left by "
+                                             f"one that was killed); remove it yourself or choose another --out")
 
 
 def main(argv=None) -> int:
@@ -118,8 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="new directory for the extracted model (must not exist)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if out.exists():
-        raise ConfigError("--out", args.out, "already exists; choose a new directory")
+    check_new_output_dir(out)
     run = open_supernet(args.run_dir, single_process=True)
     s = parse_subnet(args.subnet, run.cfg.model, run.cfg.moe)
     ckpt, n_params = extract(run, s, out)

@@ -147,6 +147,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     """`ernie search`: evaluate the grid from a run's latest checkpoint, pick the best under a budget."""
+    from megatron_ernie.config.outputs import check_writable_dir
     from megatron_ernie.elastic.session import open_supernet
 
     p = argparse.ArgumentParser(prog="ernie search", description=__doc__,
@@ -156,10 +157,12 @@ def main(argv=None) -> int:
         p.add_argument(f"--budget-{kind}", type=float, help=f"at most this many {BUDGETS[kind].replace('_', ' ')}")
     p.add_argument("--out", help="where to write search.csv/json and the plot (default <run-dir>/elastic)")
     args = p.parse_args(argv)
+    out = Path(args.out or Path(args.run_dir) / "elastic")
+    check_writable_dir("--out", out)
     run = open_supernet(args.run_dir)
     cfg = run.cfg
     rows = evaluate(run, grid(choices(cfg.elastic, cfg.model, cfg.moe), cfg.model, cfg.moe))
-    write_outputs(rows, Path(args.out or Path(args.run_dir) / "elastic"), "search")
+    write_outputs(rows, out, "search")
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(rows))
         for kind in BUDGETS:
