@@ -1,6 +1,8 @@
 """`ernie eval-tasks`: mean task reward of a checkpoint on fixed held-out prompts.
 
     ernie eval-tasks --checkpoint runs/rl-tiny --tasks arithmetic,code,calc [--prompts 64] [--json out.json]
+    ernie eval-tasks --checkpoint runs/posttrain/experts/arith --tasks arithmetic,code \
+        --config configs/posttrain_tiny_cpu.toml --max-new-tokens 48,arithmetic=4
 
 Held-out prompts: every task generates its examples deterministically from
 (seed, index) (rl/tasks/registry.py). Training reads lower indices: the RL
@@ -26,9 +28,17 @@ prompt (its mean reward r_i, i = 1..N), so SE = s / sqrt(N) with s the sample
 standard deviation (ddof = 1) of the r_i; for 0/1 rewards and K = 1 this is
 sqrt(p(1-p)/(N-1)) with p the mean.
 
-Task options are the checkpoint's own (its [[rl.tasks]] entry of that name,
-e.g. one-digit subtraction for configs/rl_tiny_cpu.toml), else the task's
-defaults: a model is scored on the distribution it was trained for.
+Task definitions (options, seed, response budget): with --config, the
+config's (a run config's [[rl.tasks]] or a pipeline file's, each task as the
+stage that trains it defines it; posttrain/task_definitions.py), the same for
+every checkpoint, so checkpoints compare on one distribution per task, also
+on tasks they were not trained on (the scoreboard's off-diagonal cells);
+a task --config does not define is an error. Without --config, the
+checkpoint's own (its [[rl.tasks]] entry of that name, e.g. one-digit
+subtraction for configs/rl_tiny_cpu.toml), else the task's defaults.
+The response budget of a task: --max-new-tokens task=N, else a bare
+--max-new-tokens N, else the config's, else the checkpoint's
+rl.sampling.max_new_tokens (always cut to what fits model.seq_length).
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import json
 import math
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +57,7 @@ import numpy as np
 
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.config.rl import TaskConfig
+from megatron_ernie.posttrain.task_definitions import TaskDefinition, load_definitions, parse_budgets
 
 HELD_OUT_START = 10_000_000  # first example index of the evaluation prompts (training uses 0, 1, 2, ...)
 MODES = ("greedy", "sampled")
@@ -84,6 +95,7 @@ class EvalSettings:
     agent_tasks: tuple[str, ...] = AGENT_TASKS
     agent_turns: int = DEFAULT_AGENT_TURNS
     reward_workers: int = 2
+    budgets: dict = field(default_factory=dict)  # task -> max_new_tokens, before every other budget
 
     def validate(self) -> None:
         for name, low in (("prompts", 2), ("samples", 1), ("batch", 1), ("agent_turns", 2),
@@ -91,6 +103,15 @@ class EvalSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}", value, f"use an integer >= {low}")
+        for task, value in self.budgets.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError("--max-new-tokens", f"{task}={value}", "give each task a budget >= 1")
+
+    def budget(self, task_name: str, definition: TaskDefinition | None, cfg) -> int:
+        """New tokens per response for a task (the order is in the module docstring)."""
+        configured = definition.max_new_tokens if definition is not None else 0
+        return (self.budgets.get(task_name) or self.max_new_tokens or configured
+                or cfg.rl.sampling.max_new_tokens)
 
 
 def task_config_for(name: str, cfg) -> TaskConfig:
@@ -212,19 +233,20 @@ def _sampler_seed(seed: int, task_name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(task_name.encode())) % 2**63
 
 
-def evaluate_task(engine, tokenizer, cfg, task_name: str, settings: EvalSettings, scorer) -> dict:
-    """{"greedy": summary, "sampled": summary, ...} of one task on its held-out prompts."""
-    task_cfg = task_config_for(task_name, cfg)
+def evaluate_task(engine, tokenizer, cfg, task_name: str, settings: EvalSettings, scorer,
+                  definition: TaskDefinition | None = None) -> dict:
+    """{"greedy": summary, "sampled": summary, ...} of one task on its held-out prompts; `definition`
+    (from --config) replaces the checkpoint's own options and budget for the task."""
+    task_cfg = definition.task if definition is not None else task_config_for(task_name, cfg)
     _check_not_trained_on(cfg, settings.prompts)
     examples = held_out_examples(task_cfg, settings.prompts)
     prompts = _encode_prompts(tokenizer, task_name, examples)
     agent_turns = settings.agent_turns if task_name in settings.agent_tasks else 1
     if agent_turns > 1:
         _check_agent_tokenizer(tokenizer, task_name)
-    budget = _response_budget(settings.max_new_tokens or cfg.rl.sampling.max_new_tokens, prompts,
-                              engine.max_seq_length, task_name)
+    budget = _response_budget(settings.budget(task_name, definition, cfg), prompts, engine.max_seq_length, task_name)
     result = {"options": dict(task_cfg.options), "seed": task_cfg.seed, "max_new_tokens": budget,
-              "agent_turns": agent_turns}
+              "agent_turns": agent_turns, "defined_by": "config" if definition is not None else "checkpoint"}
     for mode in MODES:
         engine.generator.manual_seed(_sampler_seed(settings.seed, task_name))
         copies = 1 if mode == "greedy" else settings.samples
@@ -234,17 +256,33 @@ def evaluate_task(engine, tokenizer, cfg, task_name: str, settings: EvalSettings
     return result
 
 
-def evaluate_checkpoint(path, tasks: Sequence[str], settings: EvalSettings = EvalSettings()) -> dict:
-    """Load the checkpoint (fp32, TP1, this process) and evaluate every task; the JSON-ready result."""
+def _definitions_for(tasks: Sequence[str], definitions: dict | None, source: str) -> dict:
+    """task -> its definition from --config (every task must have one), or {} without --config."""
+    if definitions is None:
+        return {}
+    missing = [t for t in tasks if t not in definitions]
+    if missing:
+        raise ConfigError("--tasks", ",".join(missing), f"not defined by --config {source} (it defines "
+                                                        f"{sorted(definitions)}); add [[rl.tasks]] entries "
+                                                        "for them or leave them out")
+    return {t: definitions[t] for t in tasks}
+
+
+def evaluate_checkpoint(path, tasks: Sequence[str], settings: EvalSettings = EvalSettings(),
+                        definitions: dict | None = None, source: str = "") -> dict:
+    """Load the checkpoint (fp32, TP1, this process) and evaluate every task; the JSON-ready result.
+    `definitions` (task -> TaskDefinition, from --config `source`) define the tasks instead of the checkpoint."""
     from megatron_ernie.rl.reward.worker import RewardWorker
     from megatron_ernie.rl.rollout.checkpoint_engine import engine_from_checkpoint, resolve_checkpoint
 
     settings.validate()
     if not tasks:
         raise ConfigError("--tasks", "", "name at least one task, e.g. --tasks arithmetic,code")
+    defined = _definitions_for(tasks, definitions, source)
     engine, tokenizer, cfg = engine_from_checkpoint(path, dtype="fp32", seed=settings.seed)
     with RewardWorker(cfg.rl.sandbox, settings.reward_workers) as scorer:
-        results = {name: evaluate_task(engine, tokenizer, cfg, name, settings, scorer) for name in tasks}
+        results = {name: evaluate_task(engine, tokenizer, cfg, name, settings, scorer, defined.get(name))
+                   for name in tasks}
     return {"checkpoint": str(resolve_checkpoint(path)), "iteration": engine.policy_version,
             "held_out_start": HELD_OUT_START, "settings": dataclasses.asdict(settings), "tasks": results}
 
@@ -275,8 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=d.prompts, help="held-out prompts per task (>= 2)")
     p.add_argument("--samples", type=int, default=d.samples, help="sampled responses per prompt at T=1")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the T=1 sampler")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help="response budget (0: the checkpoint's rl.sampling.max_new_tokens)")
+    p.add_argument("--max-new-tokens", default=str(d.max_new_tokens),
+                   help="response budget: N for every task, task=N for one, or a mix, e.g. 32,code=64 "
+                        "(0 / unset: the --config's, else the checkpoint's rl.sampling.max_new_tokens)")
+    p.add_argument("--config", default="",
+                   help="define the tasks (options, seed, budget) by this TOML: a run config with [[rl.tasks]] "
+                        "or a pipeline file; default: the checkpoint's own tasks")
     p.add_argument("--batch", type=int, default=d.batch, help="prompts per generation batch")
     p.add_argument("--agent-tasks", default=",".join(d.agent_tasks),
                    help="tasks run as tool-use episodes in the agent loop")
@@ -294,10 +336,12 @@ def main(argv=None) -> int:
     from megatron_ernie.checkpoint.store import CheckpointError
 
     args = build_parser().parse_args(argv)
-    settings = EvalSettings(args.prompts, args.samples, args.seed, args.max_new_tokens, args.batch,
-                            _names(args.agent_tasks), args.agent_turns, args.reward_workers)
     try:
-        result = evaluate_checkpoint(args.checkpoint, _names(args.tasks), settings)
+        default_budget, budgets = parse_budgets(args.max_new_tokens)
+        settings = EvalSettings(args.prompts, args.samples, args.seed, default_budget, args.batch,
+                                _names(args.agent_tasks), args.agent_turns, args.reward_workers, budgets)
+        definitions = load_definitions(args.config) if args.config else None
+        result = evaluate_checkpoint(args.checkpoint, _names(args.tasks), settings, definitions, args.config)
     except (CheckpointError, ConfigError) as err:
         print(f"ernie eval-tasks: error: {err}", file=sys.stderr)
         return 2

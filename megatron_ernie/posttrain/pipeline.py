@@ -149,18 +149,48 @@ def run_local(stages: list[Stage], manifest: Manifest, force: list[str], paralle
 
 
 # ------------------------------------------------------------------- scores
-def stage_scorer(score, domains: tuple[str, ...]):
+def eval_definitions(stages: list[Stage], directory: Path) -> tuple[dict, Path]:
+    """The task definitions every stage's checkpoint is scored with (each task as the stage that trains it
+    defines it: options and response budget, posttrain/task_definitions.py), also written as the
+    [[rl.tasks]] file eval-tasks reads (<pipeline.dir>/eval_tasks.toml)."""
+    from megatron_ernie.posttrain.task_definitions import from_stages, write_tasks_file
+
+    definitions = from_stages(stages)
+    return definitions, write_tasks_file(definitions, directory / "eval_tasks.toml")
+
+
+def eval_command(stage: Stage, score, tasks: tuple[str, ...], definitions: dict, tasks_file: Path | None,
+                 out: Path) -> list[str]:
+    """`ernie eval-tasks` of one stage's output: every cell of its scoreboard row uses the pipeline's
+    definition of the column's task (--config tasks_file, --max-new-tokens task=N,...), never the
+    checkpoint's own, so an expert is scored on another domain as that domain's expert was trained."""
+    from megatron_ernie.posttrain.task_definitions import budgets_argument
+
+    command = [sys.executable, "-m", "megatron_ernie.posttrain.evaluate", "--checkpoint", str(stage.output),
+               "--tasks", ",".join(tasks), "--prompts", str(score.prompts), "--samples", str(score.samples),
+               "--json", str(out)]
+    if tasks_file is not None:
+        budgets = budgets_argument({t: definitions[t] for t in tasks})
+        command += ["--config", str(tasks_file)] + (["--max-new-tokens", budgets] if budgets else [])
+    return command
+
+
+def stage_scorer(score, domains: tuple[str, ...], definitions: dict | None = None, tasks_file: Path | None = None):
     """A function stage -> {task: {greedy, sampled}} that runs `ernie eval-tasks` on the stage's output
-    (its own process: a clean torch world per evaluation), or None when scoring is off."""
+    (its own process: a clean torch world per evaluation), or None when scoring is off. With
+    `definitions` (eval_definitions) every task must be one the pipeline trains."""
     if score.prompts == 0:
         return None
-    tasks = ",".join(score.tasks or domains)
+    tasks = tuple(score.tasks or domains)
+    undefined = [t for t in tasks if definitions is not None and t not in definitions]
+    if undefined:
+        raise ConfigError("pipeline.score.tasks", list(score.tasks), f"{undefined} are trained by no stage, so "
+                                                                     "no stage defines their options; score the "
+                                                                     f"pipeline's tasks {sorted(definitions)}")
 
     def evaluate(stage: Stage) -> dict:
         out = stage.run_dir / "eval.json"
-        command = [sys.executable, "-m", "megatron_ernie.posttrain.evaluate", "--checkpoint", str(stage.output),
-                   "--tasks", tasks, "--prompts", str(score.prompts), "--samples", str(score.samples),
-                   "--json", str(out)]
+        command = eval_command(stage, score, tasks, definitions or {}, tasks_file, out)
         with open(stage.run_dir / "eval.log", "wb") as log:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
         if code != 0:
@@ -252,7 +282,8 @@ def main(argv=None, scorer=None) -> int:
             if not args.dry_run:
                 print(f"[pipeline] submitted; job ids in {manifest.path}")
             return 0
-        scorer = scorer or stage_scorer(pipeline.score, domains(stages))
+        if scorer is None and pipeline.score.prompts:
+            scorer = stage_scorer(pipeline.score, domains(stages), *eval_definitions(stages, manifest.path.parent))
         run_local(chosen, manifest, args.force, pipeline.parallel_experts, scorer)
         write_summary(manifest, stages, manifest.path.parent / "scoreboard")
     except ConfigError as err:
