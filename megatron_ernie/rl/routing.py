@@ -57,6 +57,8 @@ class LayerReplay(RouterReplay):
         self.recorded: list[torch.Tensor] = []
         self.mismatched_rows = 0
         self.compared_rows = 0
+        self.key, self.batch_size = None, 0  # the micro-batch whose targets are set (set_targets)
+        self.sequence_flips: dict = {}  # key -> bool [batch]: some token of the sequence routed differently
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
         probs, computed = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
@@ -81,8 +83,13 @@ class LayerReplay(RouterReplay):
 
     def _count(self, computed, target, valid) -> None:
         same = (computed.sort(dim=-1).values == target.sort(dim=-1).values).all(dim=-1)
-        self.mismatched_rows += int((~same & valid).sum())
+        flipped = ~same & valid
+        self.mismatched_rows += int(flipped.sum())
         self.compared_rows += int(valid.sum())
+        if self.key is not None:  # rows are sequence-major [s, b]: a sequence flipped if any of its rows did
+            per_sequence = flipped.reshape(-1, self.batch_size).any(dim=0).cpu()
+            previous = self.sequence_flips.get(self.key)
+            self.sequence_flips[self.key] = per_sequence if previous is None else previous | per_sequence
 
 
 class RoutingReplay:
@@ -111,12 +118,17 @@ class RoutingReplay:
         for layer in self.layers.values():
             layer.mode = mode
 
-    def set_targets(self, routes: torch.Tensor | None) -> None:
-        """routes: int [b, s, moe_layers, k] (-1 = no recorded choice), or None to clear."""
+    def set_targets(self, routes: torch.Tensor | None, key=None) -> None:
+        """routes: int [b, s, moe_layers, k] (-1 = no recorded choice), or None to clear.
+
+        key: names the micro-batch (e.g. its index) to record, per sequence, whether
+        any of its tokens routed differently from the target (take_sequence_flips)."""
         for index, layer in self.layers.items():
+            layer.key = None if routes is None else key
             if routes is None:
                 layer.target_topk_idx = None
                 continue
+            layer.batch_size = routes.shape[0]
             if routes.dim() != 4 or routes.shape[2:] != (self.num_moe_layers, self.topk):
                 raise ValueError(f"routed experts of shape {tuple(routes.shape)}: expected "
                                  f"[batch, seq, {self.num_moe_layers} MoE layers, top-{self.topk}]")
@@ -130,6 +142,21 @@ class RoutingReplay:
         taken = {}
         for index, layer in self.layers.items():
             taken[index], layer.recorded = layer.recorded, []
+        return taken
+
+    def take_sequence_flips(self) -> dict:
+        """key -> bool [b]: sequences with at least one route flip in this rank's MoE layers, since the last call.
+
+        A flip is a (token, layer) whose own top-k set differs from the target. Few
+        sequences hold most of the train/inference mismatch when their tokens sit at
+        a router near-tie, so the share of sequences with any flip says how
+        concentrated it is. Other pipeline stages and TP (sequence-parallel) ranks see
+        other layers and tokens: callers OR the flags across ranks."""
+        taken: dict = {}
+        for layer in self.layers.values():
+            for key, flags in layer.sequence_flips.items():
+                taken[key] = flags if key not in taken else taken[key] | flags
+            layer.sequence_flips = {}
         return taken
 
     def take_mismatch(self) -> tuple[int, int]:
