@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.data.corpus import BUILTIN_SOURCES
+from megatron_ernie.data.index_check import check_indexed_files
 
 CACHE_ENV = "ERNIE_DATA_CACHE"
 MIN_VOCAB_SIZE = 256 + 2  # every byte, plus the end-of-document and pad tokens
@@ -75,6 +76,8 @@ class DataConfig:
             raise ConfigError(f"{path}.weights", self.weights, fix)
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ConfigError(f"{path}.weights", self.weights, "weights must be >= 0 with a positive sum")
+        for i, prefix in enumerate(self.prefixes):
+            check_indexed_files(prefix, f"{path}.prefixes[{i}]")
 
     def resolved_cache_dir(self) -> str:
         """The cache directory to use (the field, else the environment, else the user cache)."""
