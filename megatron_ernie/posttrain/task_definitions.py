@@ -48,8 +48,9 @@ class TaskDefinition:
 def from_run_config(raw: dict, where: str) -> dict[str, TaskDefinition]:
     """The [[rl.tasks]] entries of a raw run config (validated as a run would), by name."""
     rl = raw.get("rl", {})
-    budget = rl.get("sampling", {}).get("max_new_tokens", 0)
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+    sampling = rl.get("sampling", {})
+    budget = sampling.get("max_new_tokens", 0)  # 0: the file sets none
+    if "max_new_tokens" in sampling and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
         raise ConfigError("rl.sampling.max_new_tokens", budget, f"in {where}: use an integer >= 1")
     out: dict[str, TaskDefinition] = {}
     for i, entry in enumerate(rl.get("tasks", [])):
