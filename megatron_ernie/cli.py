@@ -118,6 +118,7 @@ PASSTHROUGH = {
     "eval-tasks": "megatron_ernie.posttrain.evaluate",
     "pipeline": "megatron_ernie.posttrain.pipeline",
     "judge-data": "megatron_ernie.rl.judge.data",
+    "plan": "megatron_ernie.plan.cli",
 }
 # Subcommands served by a differently named function of a module.
 ENTRY = {"eval": ("megatron_ernie.elastic.search", "eval_main")}
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("inspect", help="a checkpoint's config, iteration, tokens, parameter counts (--json)")
     sub.add_parser("rl", help="disaggregated asynchronous RL: controller, trainer, rollout, reward (ernie rl --help)")
     sub.add_parser("eval-tasks", help="mean reward per task of a checkpoint on held-out prompts (--help)")
+    sub.add_parser("plan", help="per-rank memory, communication and step time of every valid layout (--help)")
     sub.add_parser("pipeline", help="post-training: SFT -> domain experts -> OPD -> general RL (--help)")
     return parser
 

@@ -25,17 +25,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_ernie.plan.inventory import Param
+import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BufferLayout:
     numel: int  # elements of the buffer, padding included
     buckets: tuple[tuple[int, int], ...]  # (start, end) of each bucket
-    ranges: tuple[tuple[int, int], ...]  # (start, end) of each parameter, in the order given
+    ranges: np.ndarray  # (n, 2): (start, end) of each parameter, in the order given
 
 
-def _round_up(n: int, k: int) -> int:
+def _round_up(n, k):
     return -(-n // k) * k
 
 
@@ -46,42 +46,70 @@ def default_bucket_size(overlap_grad_reduce: bool, dp: int, pp_rank: int, chunk:
     return max(40_000_000, 1_000_000 * dp)
 
 
-def grad_buffer_layout(params: list[Param], dp: int, distopt: bool, bucket_size: int | None) -> BufferLayout:
-    """The buffer DDP allocates for ``params`` (module order); see the module docstring."""
-    end_pad = math.lcm(dp, 128) if distopt else 1
-    start_pad = 64 if distopt else 1
-    ranges: dict[int, tuple[int, int]] = {}
-    buckets: list[tuple[int, int]] = []
-    bucket_start = pos = 0
-    open_bucket = False
-    for i in reversed(range(len(params))):
-        p = params[i]
-        pos = _round_up(pos, start_pad)
-        own_bucket = p.shared_embedding and distopt
-        if own_bucket and open_bucket:
-            pos = _round_up(pos, end_pad)
-            buckets.append((bucket_start, pos))
-            bucket_start = pos
-        ranges[i] = (pos, pos + p.numel)
-        pos, open_bucket = pos + p.numel, True
-        if (bucket_size is not None and pos - bucket_start >= bucket_size) or own_bucket:
-            pos = _round_up(pos, end_pad)
-            buckets.append((bucket_start, pos))
-            bucket_start, open_bucket = pos, False
-    if open_bucket:
-        pos = _round_up(pos, end_pad)
-        buckets.append((bucket_start, pos))
-    return BufferLayout(pos, tuple(buckets), tuple(ranges[i] for i in range(len(params))))
+def _segment(sizes, start_pad: int, end_pad: int, pos: int, bucket_size):
+    """Lay out a run of parameters (no shared embedding among them) from buffer offset ``pos``.
+
+    Relative offsets inside the run never change (every step is a multiple of
+    64, every bucket end a multiple of 128), so one cumulative sum serves all
+    buckets: bucket b shifts its parameters by its own start."""
+    rel = np.concatenate([[0], np.cumsum(_round_up(sizes, start_pad))[:-1]])
+    rel_end = rel + sizes
+    starts = np.empty_like(sizes)
+    buckets, i, n = [], 0, len(sizes)
+    while i < n:
+        j = n if bucket_size is None else min(n, int(np.searchsorted(rel_end, rel[i] + bucket_size)) + 1)
+        starts[i:j] = rel[i:j] - rel[i] + pos
+        end = int(_round_up(int(starts[j - 1] + sizes[j - 1]), end_pad))
+        buckets.append((pos, end))
+        pos, i = end, j
+    return starts, buckets, pos
+
+
+def grad_buffer_layout(params, dp: int, distopt: bool, bucket_size: int | None) -> BufferLayout:
+    """The buffer DDP allocates for ``params`` (module order); see the module docstring.
+
+    Parameters are laid out in reverse order, each starting at a multiple of 64
+    (distributed optimizer); a bucket closes once it holds ``bucket_size``
+    elements, before and after a shared embedding, and at the end, and its end
+    is padded to lcm(DP, 128) (distributed optimizer)."""
+    rev = params[::-1]
+    sizes = np.array([p.numel for p in rev], dtype=np.int64)
+    alone = [i for i, p in enumerate(rev) if p.shared_embedding and distopt]
+    start_pad, end_pad = (64, math.lcm(dp, 128)) if distopt else (1, 1)
+    starts, buckets, pos = np.zeros_like(sizes), [], 0
+    cuts = sorted({0, len(rev), *alone, *(i + 1 for i in alone)})
+    for a, b in zip(cuts, cuts[1:]):
+        starts[a:b], seg_buckets, pos = _segment(sizes[a:b], start_pad, end_pad, pos, bucket_size)
+        buckets += seg_buckets
+    ranges = np.stack([starts, starts + sizes], axis=1)[::-1]
+    return BufferLayout(pos, tuple(buckets), ranges)
+
+
+def owned_by_rank(layout: BufferLayout, dp: int) -> list[tuple[int, int]]:
+    """(elements, parameter tensors) whose optimizer state each DP rank keeps.
+
+    With the parameters sorted by position, "elements below offset x" and
+    "tensors starting before x" are prefix sums; every rank's range [lo, hi)
+    in every bucket is then a handful of binary searches (vectorised)."""
+    spans = layout.ranges[np.argsort(layout.ranges[:, 0], kind="stable")]
+    starts, ends = spans[:, 0], spans[:, 1]
+    below = np.concatenate([[0], np.cumsum(ends - starts)])
+    buckets = np.array(layout.buckets, dtype=np.int64).reshape(-1, 2)
+    size = (buckets[:, 1] - buckets[:, 0]) // dp
+    lo = buckets[:, :1] + size[:, None] * np.arange(dp)[None, :]  # (buckets, dp)
+    hi = lo + size[:, None]
+
+    def elements_below(x):
+        i = np.searchsorted(starts, x, side="right")
+        j = np.maximum(i - 1, 0)
+        inside = np.minimum(ends[j], x) - starts[j]
+        return np.where(i > 0, below[j] + inside, 0)
+
+    elements = (elements_below(hi) - elements_below(lo)).sum(axis=0)
+    tensors = (np.searchsorted(starts, hi, side="left") - np.searchsorted(np.sort(ends), lo, side="right")).sum(axis=0)
+    return [(int(e), int(t)) for e, t in zip(elements, tensors)]
 
 
 def owned_shard(layout: BufferLayout, dp: int, dp_rank: int) -> tuple[int, int]:
     """(elements, parameter tensors) whose optimizer state DP rank ``dp_rank`` keeps."""
-    elements = tensors = 0
-    for start, end in layout.buckets:
-        size = (end - start) // dp
-        lo, hi = start + dp_rank * size, start + (dp_rank + 1) * size
-        for p_start, p_end in layout.ranges:
-            n = min(hi, p_end) - max(lo, p_start)
-            if n > 0:
-                elements, tensors = elements + n, tensors + 1
-    return elements, tensors
+    return owned_by_rank(layout, dp)[dp_rank]

@@ -21,21 +21,31 @@ splits.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
 class Param:
-    name: str
+    local_name: str  # within its decoder layer ("mlp.linear_fc1.weight"), or the full name outside layers
     numel: int
     expert: bool = False  # megatron-core ``allreduce = False``: reduced over expert-DP
     shared_embedding: bool = False  # tied embedding with PP > 1: its own DDP bucket
+    layer: int = -1  # decoder layer index; -1 for embedding, final norm and output layer
+
+    @property
+    def name(self) -> str:
+        return self.local_name if self.layer < 0 else f"decoder.layers.{self.layer}.{self.local_name}"
+
+    @property
+    def is_linear_weight(self) -> bool:
+        return ".linear_" in self.local_name
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
     """model/build.py:padded_vocab_size, repeated here so planning needs no torch."""
-    import math
-
     step = math.lcm(128, tp)
     return (vocab_size + step - 1) // step * step
 
@@ -46,33 +56,32 @@ def expert_params_take_expert_path(par) -> bool:
     return par.expert > 1 or par.expert_tensor_size != par.tensor
 
 
-def _norm(prefix: str, model) -> list[Param]:
+def _norm(prefix: str, model) -> list[tuple]:
     names = ["weight"] if model.normalization == "RMSNorm" else ["weight", "bias"]
-    return [Param(f"{prefix}.{n}", model.hidden_size) for n in names]
+    return [(f"{prefix}.{n}", model.hidden_size, False) for n in names]
 
 
-def _attention(prefix: str, model, tp: int) -> list[Param]:
+def _attention(model, tp: int) -> list[tuple]:
     h = model.hidden_size
     head_dim = h // model.num_attention_heads
     q = model.num_attention_heads * head_dim
     kv = model.num_query_groups * head_dim
-    return [Param(f"{prefix}.linear_proj.weight", h * q // tp),
-            Param(f"{prefix}.linear_qkv.weight", (q + 2 * kv) // tp * h)]
+    return [("self_attention.linear_proj.weight", h * q // tp, False),
+            ("self_attention.linear_qkv.weight", (q + 2 * kv) // tp * h, False)]
 
 
-def _mlp(prefix: str, h: int, ffn: int, tp: int, expert: bool = False) -> list[Param]:
-    return [Param(f"{prefix}.linear_fc1.weight", 2 * ffn // tp * h, expert),
-            Param(f"{prefix}.linear_fc2.weight", h * (ffn // tp), expert)]
+def _mlp(prefix: str, h: int, ffn: int, tp: int, expert: bool = False) -> list[tuple]:
+    return [(f"{prefix}.linear_fc1.weight", 2 * ffn // tp * h, expert),
+            (f"{prefix}.linear_fc2.weight", h * (ffn // tp), expert)]
 
 
-def _moe(prefix: str, model, moe, par) -> list[Param]:
+def _moe(model, moe, par) -> list[tuple]:
     h, expert = model.hidden_size, expert_params_take_expert_path(par)
-    out = [Param(f"{prefix}.router.weight", moe.num_experts * h)]
+    out = [("mlp.router.weight", moe.num_experts * h, False)]
     for i in range(moe.num_experts // par.expert):
-        out += _mlp(f"{prefix}.experts.local_experts.{i}", h, moe.expert_ffn_hidden_size,
-                    par.expert_tensor_size, expert)
+        out += _mlp(f"mlp.experts.local_experts.{i}", h, moe.expert_ffn_hidden_size, par.expert_tensor_size, expert)
     if moe.shared_expert_ffn_hidden_size:
-        out += _mlp(f"{prefix}.shared_experts", h, moe.shared_expert_ffn_hidden_size, par.tensor)
+        out += _mlp("mlp.shared_experts", h, moe.shared_expert_ffn_hidden_size, par.tensor)
     return out
 
 
@@ -80,14 +89,27 @@ def is_moe_layer(layer: int, moe) -> bool:
     return moe.num_experts > 0 and layer >= moe.first_dense_layers
 
 
-def layer_params(layer: int, model, moe, par) -> list[Param]:
+@lru_cache(maxsize=1024)
+def _layer_template(moe_layer: bool, model, moe, par) -> tuple:
+    """(local name, numel, expert) of every parameter of a dense or an MoE layer, in module order."""
+    out = _norm("input_layernorm", model) + _attention(model, par.tensor) + _norm("pre_mlp_layernorm", model)
+    if moe_layer:
+        return tuple(out + _moe(model, moe, par))
+    return tuple(out + _mlp("mlp", model.hidden_size, model.ffn_hidden_size, par.tensor))
+
+
+@lru_cache(maxsize=65536)
+def layer_params(layer: int, model, moe, par) -> tuple[Param, ...]:
     """One decoder layer (global index ``layer``) on one rank."""
-    p = f"decoder.layers.{layer}"
-    out = _norm(f"{p}.input_layernorm", model) + _attention(f"{p}.self_attention", model, par.tensor)
-    out += _norm(f"{p}.pre_mlp_layernorm", model)
-    if is_moe_layer(layer, moe):
-        return out + _moe(f"{p}.mlp", model, moe, par)
-    return out + _mlp(f"{p}.mlp", model.hidden_size, model.ffn_hidden_size, par.tensor)
+    return tuple(Param(name, numel, expert, False, layer)
+                 for name, numel, expert in _layer_template(is_moe_layer(layer, moe), model, moe, par))
+
+
+@lru_cache(maxsize=1024)
+def layer_linear_elements(moe_layer: bool, model, moe, par, with_experts: bool) -> int:
+    """Elements of a layer's GEMM weights (routed experts' only if ``with_experts``)."""
+    return sum(n for name, n, expert in _layer_template(moe_layer, model, moe, par)
+               if ".linear_" in name and (with_experts or not expert))
 
 
 def chunk_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:
@@ -107,11 +129,23 @@ def chunk_params(model, moe, par, vocab_size: int, pp_rank: int, chunk: int) -> 
     for layer in chunk_layers(model.num_layers, pp, vpp, pp_rank, chunk):
         out += layer_params(layer, model, moe, par)
     if last:
-        out += _norm("decoder.final_layernorm", model)
+        out += [Param(name, n) for name, n, _ in _norm("decoder.final_layernorm", model)]
         if not tied or pp > 1:
             out.append(Param("output_layer.weight", rows, shared_embedding=tied))
     return out
 
 
-def rank_chunks(model, moe, par, vocab_size: int, pp_rank: int) -> list[list[Param]]:
-    return [chunk_params(model, moe, par, vocab_size, pp_rank, c) for c in range(par.virtual_pipeline)]
+def param_shape_key(par):
+    """The ParallelConfig fields that decide parameter shapes (others normalised, for caching)."""
+    return dataclasses.replace(par, distributed_optimizer=False, overlap_grad_reduce=False,
+                               sequence_parallel=False, expert_tensor=par.expert_tensor_size)
+
+
+def rank_chunks(model, moe, par, vocab_size: int, pp_rank: int) -> tuple[tuple[Param, ...], ...]:
+    """Every chunk of pipeline rank ``pp_rank`` (cached: the planner asks for it many times per layout)."""
+    return _rank_chunks(model, moe, param_shape_key(par), vocab_size, pp_rank)
+
+
+@lru_cache(maxsize=4096)
+def _rank_chunks(model, moe, par, vocab_size: int, pp_rank: int) -> tuple[tuple[Param, ...], ...]:
+    return tuple(tuple(chunk_params(model, moe, par, vocab_size, pp_rank, c)) for c in range(par.virtual_pipeline))

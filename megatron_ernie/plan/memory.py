@@ -22,9 +22,10 @@ Activation terms (estimates) are in activations.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from megatron_ernie.plan.buffers import default_bucket_size, grad_buffer_layout, owned_shard
-from megatron_ernie.plan.inventory import Param, rank_chunks
+from megatron_ernie.plan.buffers import default_bucket_size, grad_buffer_layout, owned_by_rank
+from megatron_ernie.plan.inventory import rank_chunks
 
 GRAD_BYTES = 4  # grad_reduce_in_fp32 = True
 MOMENT_BYTES = 8  # exp_avg + exp_avg_sq in fp32
@@ -69,34 +70,51 @@ def _optimizer_bytes(elements: int, tensors: int, bf16: bool) -> int:
     return elements * (MOMENT_BYTES + MASTER_BYTES * bf16) + tensors * STEP_BYTES
 
 
-def _buffer_terms(params: list[Param], dp: int, dp_rank: int, par, bucket_size, pbytes: int, bf16: bool):
-    if not params:
-        return 0, 0, 0
-    distopt = par.distributed_optimizer
-    layout = grad_buffer_layout(params, dp, distopt, bucket_size)
+@dataclass(frozen=True, eq=False)
+class Buffer:
+    """One DDP buffer of one chunk: its parameters, DP group size and layout."""
+
+    params: tuple
+    dp: int
+    layout: object  # buffers.BufferLayout
+    expert: bool
+
+
+@lru_cache(maxsize=4096)
+def rank_buffers(model, moe, par, vocab_size: int, world: int, pp_rank: int) -> tuple[Buffer, ...]:
+    """The dense and expert gradient buffers of every chunk of one pipeline rank."""
+    dp, edp = dp_sizes(par, world)
+    out = []
+    for chunk, params in enumerate(rank_chunks(model, moe, par, vocab_size, pp_rank)):
+        bucket = default_bucket_size(par.overlap_grad_reduce, dp, pp_rank, chunk)
+        for expert, size in ((False, dp), (True, edp)):
+            group = tuple(p for p in params if p.expert == expert)
+            if group:
+                layout = grad_buffer_layout(group, size, par.distributed_optimizer, bucket)
+                out.append(Buffer(group, size, layout, expert))
+    return tuple(out)
+
+
+def _buffer_terms(buf: Buffer, dp_rank, distopt: bool, pbytes: int, bf16: bool):
     if distopt:
-        ranks = range(dp) if dp_rank is None else [dp_rank]
-        elements, tensors = max(owned_shard(layout, dp, r) for r in ranks)
-        param_storage = layout.numel * pbytes
+        owned = owned_by_rank(buf.layout, buf.dp)
+        elements, tensors = max(owned) if dp_rank is None else owned[dp_rank]
+        param_storage = buf.layout.numel * pbytes
     else:
-        elements, tensors = sum(p.numel for p in params), len(params)
+        elements, tensors = buf.layout.numel, len(buf.params)  # unpadded without the distributed optimizer
         param_storage = elements * pbytes
-    return param_storage, layout.numel * GRAD_BYTES, _optimizer_bytes(elements, tensors, bf16)
+    return param_storage, buf.layout.numel * GRAD_BYTES, _optimizer_bytes(elements, tensors, bf16)
 
 
 def static_memory(model, moe, par, vocab_size: int, world: int, where: RankPosition = RankPosition(),
                   fp8=None) -> StaticMemory:
     """Bytes of parameters, main-grad buffers and optimizer state on one rank."""
-    dp, edp = dp_sizes(par, world)
     pbytes, bf16 = param_bytes_per_element(model, fp8), model.dtype == "bf16"
     totals = [0, 0, 0]
-    for chunk, params in enumerate(rank_chunks(model, moe, par, vocab_size, where.pp_rank)):
-        bucket = default_bucket_size(par.overlap_grad_reduce, dp, where.pp_rank, chunk)
-        dense = [p for p in params if not p.expert]
-        expert = [p for p in params if p.expert]
-        for group, size, rank in ((dense, dp, where.dp_rank), (expert, edp, where.expert_dp_rank)):
-            terms = _buffer_terms(group, size, rank, par, bucket, pbytes, bf16)
-            totals = [a + b for a, b in zip(totals, terms)]
+    for buf in rank_buffers(model, moe, par, vocab_size, world, where.pp_rank):
+        rank = where.expert_dp_rank if buf.expert else where.dp_rank
+        terms = _buffer_terms(buf, rank, par.distributed_optimizer, pbytes, bf16)
+        totals = [a + b for a, b in zip(totals, terms)]
     return StaticMemory(*totals)
 
 
