@@ -174,6 +174,7 @@ class Controller:
         self.expected_rollouts = expected_rollouts
         self.buffer = ExperienceBuffer(cfg.rl.buffer, self.n)
         self.failure_watch = FailureWatch(cfg.rl.stop_on_failures, self.per_step * self.n)
+        metrics.expect_policy_lag(self.lag)
         self.prompts = PromptStream(cfg.rl.tasks, tokenizer, self.n, cfg.rl.sampling.max_new_tokens,
                                     cfg.model.seq_length)
         self.peers: list[Peer] = []

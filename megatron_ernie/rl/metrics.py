@@ -5,7 +5,8 @@ Files under <run.dir>/rl/:
   roles.json             every role process seen: role, rank, pid, host, alive, served version
   controller/state_NNNNNNN.json + latest   the controller's checkpoint (see Controller.state_dict)
 TensorBoard (<run.dir>/tensorboard): reward/*, rollout/*, staleness/*, trainer/*,
-weight_sync/*, policy/* (K3, clip fraction, entropy, ...), routing/*, faults/*, and with teachers
+weight_sync/*, policy/* (K3, clip fraction, entropy, ...), routing/*, faults/*, handoff/* (the part
+of a step that is neither training nor generation, rl/handoff.py), and with teachers
 teacher/<alias>/* (score seconds, samples scored, tokens/s since the last step; samples in the batch).
 
 Train/inference mismatch, apart from staleness (issue 14): policy/rollout_kl_k3 is the K3 over
@@ -31,6 +32,7 @@ import numpy as np
 
 from megatron_ernie.observe.tensorboard import NullWriter, ScalarWriter
 from megatron_ernie.rl.failure_watch import SCORER_FAILURES
+from megatron_ernie.rl.handoff import HandoffClock
 
 log = logging.getLogger("megatron_ernie.rl")
 RATE_WINDOW_S = 10.0
@@ -65,6 +67,7 @@ class RunMetrics:
         self._sync: dict = {}
         self._batch: dict = {}
         self._teachers: dict = {}  # alias -> [samples scored, response tokens, forward seconds] since the last step
+        self.handoff = HandoffClock()
         self.history: list[dict] = []
 
     def roles(self, records: list[dict]) -> None:
@@ -72,6 +75,11 @@ class RunMetrics:
 
     def rollout(self, rank: int, stats) -> None:
         self._generated.append((time.monotonic(), stats.tokens, stats.seconds))
+        self.handoff.generated(rank, stats.seconds)
+
+    def expect_policy_lag(self, lag: int) -> None:
+        """Generation overlaps training when lag >= 1: the hand-off time is then what overlap did not hide."""
+        self.handoff.overlapped = lag > 0
 
     def weight_sync(self, done) -> None:
         self._sync = {"weight_sync/seconds": done.seconds, "weight_sync/bytes": done.nbytes,
@@ -134,7 +142,8 @@ class RunMetrics:
         record = {"step": done.version, "time": time.time(), **self._batch, **self._rollout_rates(), **self._sync,
                   "trainer/step_s": done.step_s, "trainer/idle_s": done.idle_s,
                   "trainer/idle_fraction": done.idle_s / max(done.idle_s + done.step_s, 1e-9),
-                  "rollout/alive_workers": len(alive_rollouts), **self._teacher_record()}
+                  "rollout/alive_workers": len(alive_rollouts), **self._teacher_record(),
+                  **self.handoff.step(done.step_s)}
         record.update({f"policy/{k}": v for k, v in trainer.items() if not k.startswith(("routing_", "distill/"))})
         record.update({k: v for k, v in trainer.items() if k.startswith("distill/")})  # per-teacher OPD monitors
         record.update({f"routing/{k[len('routing_'):]}": v for k, v in trainer.items() if k.startswith("routing_")})
