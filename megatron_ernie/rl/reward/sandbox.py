@@ -67,6 +67,8 @@ PROGRAM_NAME = "main.py"
 UID_LEASE_DIR = Path("/run/ernie-sandbox-uids")  # node-local, shared by every worker and job on the node
 PR_SET_DUMPABLE = 4
 _warned_weak = False
+_unusable_uids: set[int] = set()  # uids whose keyrings an earlier program locked (see sandbox_confine)
+KEYRING_LOCKED_MARK = "sandbox uid keyring locked"  # sandbox_confine.KEYRING_LOCKED_MARK (boot is stdlib-only)
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,19 @@ def run_python(code: str, stdin: str = "", config: SandboxConfig | None = None) 
     config.validate("rl.sandbox")
     if config.isolation == "rlimits":
         _protect_this_process()
-    with _leased_uid(config) as leased, \
-            tempfile.TemporaryDirectory(prefix="ernie-sandbox-", ignore_cleanup_errors=True) as rundir:
-        if leased is None:
-            return _sandbox_error(f"all {config.uid_count} sandbox uids [{config.uid}, {config.uid + config.uid_count})"
-                                  " are in use by other runs on this node: raise rl.sandbox.uid_count", "")
-        paths = _prepare_rundir(Path(rundir), code, stdin, leased)
-        status = _launch(paths, leased)
-        return _classify(status, paths, leased)
+    while True:
+        with _leased_uid(config) as leased, \
+                tempfile.TemporaryDirectory(prefix="ernie-sandbox-", ignore_cleanup_errors=True) as rundir:
+            if leased is None:
+                return _sandbox_error(f"all {config.uid_count} sandbox uids [{config.uid}, "
+                                      f"{config.uid + config.uid_count}) are in use by other runs on this node or "
+                                      "unusable (see the warnings): raise rl.sandbox.uid_count", "")
+            paths = _prepare_rundir(Path(rundir), code, stdin, leased)
+            status = _launch(paths, leased)
+            if KEYRING_LOCKED_MARK not in status.get("setup_error", ""):
+                return _classify(status, paths, leased)
+            _unusable_uids.add(leased.uid)
+            log.warning(f"reward sandbox: skipping uid {leased.uid} until reboot: {status['setup_error']}")
 
 
 def _sandbox_error(detail: str, isolation: str) -> SandboxResult:
@@ -122,6 +129,8 @@ def _leased_uid(config: SandboxConfig):
         return
     UID_LEASE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     for offset in range(config.uid_count):
+        if config.uid + offset in _unusable_uids:
+            continue
         fd = os.open(UID_LEASE_DIR / str(config.uid + offset), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

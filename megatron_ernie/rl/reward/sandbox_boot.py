@@ -70,6 +70,7 @@ MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 0x20, 0x400, 0x800, 0x1
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 0x40000, 0x200000, 0x1000000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 36, 38, 22
 LAYERS_PREFIX = "layers: "
+CLEANER_FOUND_LOCKED = 3
 DEVICES = ("null", "zero", "urandom", "random")
 JAIL_WORKDIR = "/sandbox"
 CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -235,7 +236,7 @@ def apply_limits(spec: dict) -> None:
     limits = {
         resource.RLIMIT_CPU: spec["cpu_s"],
         resource.RLIMIT_AS: spec["memory_bytes"],
-        resource.RLIMIT_NPROC: spec["max_processes"],
+        resource.RLIMIT_NPROC: spec["max_processes"] + spec.get("processes_already", 0),
         resource.RLIMIT_FSIZE: spec["max_file_bytes"],
         resource.RLIMIT_NOFILE: 64,
         resource.RLIMIT_CORE: 0,
@@ -362,6 +363,23 @@ def _kill_all_of_my_uid() -> None:
         os.kill(-1, signal.SIGKILL)
 
 
+def count_processes_of(uid: int) -> int:
+    """How many tasks (threads included: the kernel counts those) `uid` has now.
+
+    Weak mode as an ordinary user: the program keeps the job user's uid, and
+    RLIMIT_NPROC compares against all of that user's tasks (trainer, workers,
+    ...), so the program gets max_processes on top of those.
+    """
+    count = 0
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{entry}/task"))
+        except OSError:
+            pass
+    return count
+
+
 def descendants(root: int, spare: int | None = None) -> list:
     """Pids of every process below `root` except `spare`, from /proc/*/stat parent links."""
     children = {}
@@ -415,19 +433,23 @@ def start_keyring_cleaner(spec: dict) -> tuple:
                 drop_privileges(spec)
                 _clear_keyrings_of_my_uid()
                 code = 0
+        except confine.KeyringLocked:
+            code = CLEANER_FOUND_LOCKED
         finally:
             os._exit(code)
     os.close(go_r)
     return pid, go_w
 
 
-def finish_keyring_cleaner(cleaner: tuple) -> None:
+def finish_keyring_cleaner(cleaner: tuple) -> str:
+    """Let the cleaner run; returns "" or why it could not clear."""
     pid, go_w = cleaner
     os.write(go_w, b"1")
     os.close(go_w)
     _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise OSError(f"clearing the sandbox uid's keyrings after the run failed (wait status {status})")
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEANER_FOUND_LOCKED:
+        return f"{confine.KEYRING_LOCKED_MARK} (found after the run)"
+    return "" if status == 0 else f"clearing the sandbox uid's keyrings after the run failed (wait status {status})"
 
 
 def reap_orphans(timeout_s: float = 1.0) -> None:
@@ -450,6 +472,10 @@ def run(spec: dict) -> dict:
     spec["sysv_bounded"] = mode == "namespaces" and confine.bound_sysv_ipc(spec["memory_bytes"])
     if mode == "rlimits":
         _checked(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+        if not spec["outer_root"]:
+            spec["processes_already"] = count_processes_of(os.getuid())
+    elif not spec["outer_root"]:
+        spec["processes_already"] = 1  # we (the bootstrap) share the program's uid in its user namespace
     report_r, report_w = os.pipe2(os.O_CLOEXEC)  # closes by itself when exec succeeds
     start = time.monotonic()
     pid = os.fork()
@@ -464,11 +490,11 @@ def run(spec: dict) -> dict:
     outcome = wait_with_deadline(pid, spec["wall_s"])
     if mode == "rlimits":
         kill_leftovers(spec, cleaner and cleaner[0])
-    if cleaner is not None:  # what the program stored in its uid's keyrings must not reach a later run
-        finish_keyring_cleaner(cleaner)
+    cleaner_error = finish_keyring_cleaner(cleaner) if cleaner is not None else ""
     if mode == "rlimits":
         reap_orphans()
     layers, setup_error = _read_report(report_r)
+    setup_error = setup_error or cleaner_error  # a later run must not see what this one stored
     return dict(outcome, isolation=mode, setup_error=setup_error, layers=layers, wall_s=time.monotonic() - start)
 
 

@@ -89,17 +89,35 @@ def clear_uid_keyrings() -> None:
     keyring is reached by linking it into the session keyring). The program
     cannot stop this: the seccomp filter refuses the setperm/chown that would
     take away our write permission.
+    A keyring whose permissions an earlier program did change (on a kernel
+    without seccomp, or before this filter existed) cannot be emptied by
+    anyone until reboot: that raises KeyringLocked, and the caller moves on
+    to another uid.
     """
     if platform.machine() not in SYSCALLS:
         return
-    for keyring in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING):
-        if _keyctl(KEYCTL_CLEAR, keyring) < 0:
-            _raise_unless_no_keyrings("keyctl(CLEAR) of the sandbox uid's user keyring")
+    for keyring, name in ((KEY_SPEC_USER_KEYRING, "user"), (KEY_SPEC_USER_SESSION_KEYRING, "user-session")):
+        _clear(keyring, name)
     persistent = _keyctl(KEYCTL_GET_PERSISTENT, -1, KEY_SPEC_SESSION_KEYRING)
     if persistent < 0:
         _raise_unless_no_keyrings("keyctl(GET_PERSISTENT)")
-    elif _keyctl(KEYCTL_CLEAR, persistent) < 0:
-        _raise_unless_no_keyrings("keyctl(CLEAR) of the persistent keyring")
+    else:
+        _clear(persistent, "persistent")
+
+
+class KeyringLocked(OSError):
+    """The sandbox uid's keyring refuses to be cleared (its write permission was taken away)."""
+
+
+def _clear(keyring: int, name: str) -> None:
+    if _keyctl(KEYCTL_CLEAR, keyring) < 0:
+        if ctypes.get_errno() == errno.EACCES:
+            raise KeyringLocked(errno.EACCES, f"{KEYRING_LOCKED_MARK}: the {name} keyring of uid {os.getuid()} "
+                                              "no longer lets its owner clear it; it empties at reboot")
+        _raise_unless_no_keyrings(f"keyctl(CLEAR) of the sandbox uid's {name} keyring")
+
+
+KEYRING_LOCKED_MARK = "sandbox uid keyring locked"
 
 
 # --- seccomp ------------------------------------------------------------------------------------
