@@ -28,7 +28,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
 
-from megatron_ernie.checkpoint import rng
+from megatron_ernie.checkpoint import rng, verify
+from megatron_ernie.checkpoint.errors import CheckpointError
 
 LATEST = "latest"
 META = "meta.json"
@@ -42,10 +43,6 @@ _OPTIMIZER_HINT = (
     "so moving between EP=1 and EP>1 cannot regroup it: rewrite the checkpoint for the new layout with "
     "`ernie convert reshard CKPT OUT --set parallel.expert=N`, or resume with --set "
     "checkpoint.load_optimizer=false to keep weights, schedule and data position with fresh Adam moments.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +146,7 @@ def save(root, meta: Meta, model_chunks, optimizer, keep_last: int = 0, files: d
         for name, source in (files or {}).items():
             shutil.copyfile(source, tmp / name)
         _write_json_atomic(tmp / META, meta.__dict__)
+        verify.write_manifest(tmp)  # last: it covers every file, and appears with them at the rename
         old = final.with_name(final.name + ".old")
         if final.exists():  # re-saving an iteration: keep the old copy until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
@@ -172,9 +170,9 @@ def find_latest(root) -> Path | None:
     """The checkpoint ``latest`` names, or None for a fresh run."""
     root = Path(root)
     pointer = root / LATEST
-    if not pointer.is_file():
+    path = verify.latest_pointer(root)
+    if path is None:
         return None
-    path = root / pointer.read_text().strip()
     old = path.with_name(path.name + ".old")
     if not path.exists() and (old / META).is_file():  # killed while re-saving this iteration
         os.replace(old, path)
@@ -185,11 +183,24 @@ def find_latest(root) -> Path | None:
 
 
 def read_meta(path) -> Meta:
-    path = Path(path)
-    if not (path / META).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {META}); "
-                              f"pass a directory like <run>/checkpoints/iter_0000020")
-    return Meta(**json.loads((path / META).read_text()))
+    meta = verify.read_meta_dict(path)
+    return Meta(**{k: meta[k] for k in verify.META_FIELDS})
+
+
+def verify_before_load(path) -> None:
+    """Structure on every rank, then the manifest's checksums with the files split over the ranks
+    (each file read once), gathered so that every rank raises the same error naming the shards."""
+    verify.check_structure(path)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problems = verify.verify_checksums(path, rank, world)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, problems)
+        problems = sorted(p for part in gathered for p in part)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path} is damaged: {'; '.join(problems[:3])}{more}. Load an earlier checkpoint "
+                              f"(write its name into checkpoints/latest) or copy this one again")
 
 
 def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
@@ -199,6 +210,7 @@ def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
     optimizer state: the optimizer keeps its fresh state.
     """
     meta = read_meta(path)
+    verify_before_load(path)
     if meta.extra.get("weights_only"):
         optimizer, restore_rng = None, False
     state = full_state(model_chunks, optimizer, is_loading=True)

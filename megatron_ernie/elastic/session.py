@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_ernie import config as C
-from megatron_ernie.checkpoint import store
+from megatron_ernie.checkpoint import store, verify
 from megatron_ernie.config.errors import ConfigError
 
 SINGLE_PROCESS = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=1", "parallel.expert=1",
@@ -27,6 +27,7 @@ def supernet_config(run_dir: str | Path, overrides=()) -> tuple[C.ErnieConfig, P
     latest = store.find_latest(run_dir / "checkpoints")
     if latest is None:
         raise ConfigError("--run-dir", str(run_dir), "has no checkpoint yet (no checkpoints/latest)")
+    verify.check_structure(latest)  # meta.json, index, shards: named errors before any model is built
     cfg = C.load(run_dir / "config.toml", [
         f"checkpoint.load=\"{latest}\"", "checkpoint.resume=\"none\"", "checkpoint.load_optimizer=false",
         "log.tensorboard=false",

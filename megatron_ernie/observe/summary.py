@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
+
+from megatron_ernie.checkpoint.verify import latest_pointer, read_meta_dict
 
 
 def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out: dict[str, list] = {}
-    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
+    # One accumulator over the directory reads the event files in order, as TensorBoard does, and
+    # applies a resumed run's purge step: steps a killed run logged after its checkpoint are dropped.
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _family_table(path: Path) -> list[str]:
@@ -44,10 +43,9 @@ def summarize(run_dir: str | Path) -> str:
         lines.append(f"train loss: {first[1]:.4f} (iteration {first[0]}) -> {last[1]:.4f} (iteration {last[0]})")
     for step, value in scalars.get("eval/loss", []):
         lines.append(f"validation loss at iteration {step}: {value:.4f}")
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file():
-        ckpt = run_dir / "checkpoints" / latest.read_text().strip()
-        meta = json.loads((ckpt / "meta.json").read_text())
+    ckpt = latest_pointer(run_dir / "checkpoints")
+    if ckpt is not None:
+        meta = read_meta_dict(ckpt)  # a CheckpointError naming the file when missing or damaged
         lines.append(f"latest checkpoint: {ckpt} (iteration {meta['iteration']}, "
                      f"{meta['consumed_tokens']:,} tokens, layout {meta['layout']})")
     family = run_dir / "elastic" / "family.csv"

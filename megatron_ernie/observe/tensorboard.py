@@ -25,11 +25,11 @@ class NullWriter:
 
 
 class ScalarWriter(NullWriter):
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = str(log_dir)
-        self._writer = SummaryWriter(log_dir=self.log_dir)
+        self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if value is not None:
@@ -46,5 +46,7 @@ class ScalarWriter(NullWriter):
         self._writer.close()
 
 
-def make_writer(enabled: bool, is_logging_rank: bool, log_dir: str | Path) -> NullWriter:
-    return ScalarWriter(log_dir) if enabled and is_logging_rank else NullWriter()
+def make_writer(enabled: bool, is_logging_rank: bool, log_dir: str | Path, purge_step: int | None = None) -> NullWriter:
+    """``purge_step``: the first step of a resumed run; readers drop events at or after it that
+    earlier event files hold (what a killed run logged after its last checkpoint)."""
+    return ScalarWriter(log_dir, purge_step) if enabled and is_logging_rank else NullWriter()

@@ -22,14 +22,14 @@ import psutil
 import torch
 
 from megatron_ernie import config as C
-from megatron_ernie.checkpoint import store
+from megatron_ernie.checkpoint import store, verify
 from megatron_ernie.data.loader import BatchLayout, iter_global_batches
 from megatron_ernie.data.pipeline import setup_data
 from megatron_ernie.model.build import build_model
 from megatron_ernie.model.extensions import extensions_for
 from megatron_ernie.observe.console import IterationStats, StepTimer, format_iteration, setup_logging
 from megatron_ernie.observe.expert_load import ExpertLoadTracker
-from megatron_ernie.observe.tensorboard import make_writer
+from megatron_ernie.observe.tensorboard import NullWriter, make_writer
 from megatron_ernie.runtime import distributed, groups as G
 from megatron_ernie.runtime.dims import dims_from_config
 from megatron_ernie.train import step as S
@@ -87,10 +87,22 @@ def pretraining_data(cfg: C.ErnieConfig):
 
 def setup(cfg: C.ErnieConfig, objective: Objective | None = None, data_source=None) -> Run:
     """Build a run. ``objective``: what a step computes (default: plain LM); ``data_source``:
-    ``(seq_length, (n_train, n_valid, n_test)) -> Data`` (default: the pretraining corpus)."""
+    ``(seq_length, (n_train, n_valid, n_test)) -> Data`` (default: the pretraining corpus).
+
+    Nothing is written into the run directory until every input has been checked and the
+    checkpoint (if any) has loaded: a failed resume leaves the run exactly as it was."""
     objective = objective or LMObjective()
     stop = StopFlag()  # first: a scheduler signal during start-up must not kill the task
+    check_resume_source(cfg)  # before any process group: a bad checkpoint fails in seconds, on every rank alike
     world = distributed.init_distributed()
+    try:
+        return _build(cfg, objective, data_source, stop, world)
+    except BaseException:
+        distributed.shutdown()  # a clean exit: no process group left behind to abort at teardown
+        raise
+
+
+def _build(cfg: C.ErnieConfig, objective: Objective, data_source, stop: StopFlag, world: int) -> Run:
     C.validate(cfg, world)
     objective.check(cfg)
     groups = G.build_groups(dims_from_config(cfg.parallel, world))
@@ -103,11 +115,14 @@ def setup(cfg: C.ErnieConfig, objective: Objective | None = None, data_source=No
                                  cfg.run.seed, ext)
     optimizer = build_optimizer(cfg.optimizer, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.iters)
-    run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(),
-              make_writer(cfg.log.tensorboard, groups.is_logging_rank, Path(cfg.run.dir) / "tensorboard"),
+    run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(), NullWriter(),
               ExpertLoadTracker(model), stop, objective)
-    _write_run_files(run)
     resume(run)
+    # A resumed run's event log continues at its checkpoint: steps a killed run logged after it
+    # are purged (TensorBoard's purge_step, as Megatron-LM does), so no step appears twice.
+    run.writer = make_writer(cfg.log.tensorboard, groups.is_logging_rank, Path(cfg.run.dir) / "tensorboard",
+                             purge_step=run.progress.iteration + 1 if run.progress.iteration else None)
+    _write_run_files(run)
     return run
 
 
@@ -117,6 +132,25 @@ def _write_run_files(run: Run) -> None:
         run.data.tokenizer.save(str(Path(run.cfg.run.dir) / "tokenizer.json"))
 
 
+def resume_source(ck, ckpt_root: Path) -> Path | None:
+    """The checkpoint a run starts from: its own latest (resume=auto), else checkpoint.load, else None."""
+    path = store.find_latest(ckpt_root) if ck.resume == "auto" else None
+    return path or (Path(ck.load) if ck.load else None)
+
+
+def check_resume_source(cfg: C.ErnieConfig) -> None:
+    """The checkpoint to start from exists, is whole (meta.json, index, shard sizes) and has this model's
+    shape; its checksums are verified while loading, split over the ranks (checkpoint/verify.py)."""
+    ck = cfg.checkpoint
+    path = resume_source(ck, Path(cfg.run.dir) / "checkpoints")
+    if path is None:
+        return
+    if not path.is_dir():
+        raise C.ConfigError("checkpoint.load", ck.load, "no such directory; give an iter_* checkpoint directory")
+    meta = verify.check_structure(path)
+    verify.check_model_fits(meta, cfg.model, cfg.moe, path)
+
+
 def resume(run: Run) -> None:
     """Continue from <run>/checkpoints/latest (resume=auto) or else from checkpoint.load.
 
@@ -124,8 +158,7 @@ def resume(run: Run) -> None:
     weights: optimizer, schedule, data position and RNG start fresh; a later --resume auto of
     the same run continues from its own latest checkpoint in full."""
     ck = run.cfg.checkpoint
-    path = store.find_latest(run.ckpt_root) if ck.resume == "auto" else None
-    path = path or (Path(ck.load) if ck.load else None)
+    path = resume_source(ck, run.ckpt_root)
     if path is None:
         return
     from_base = ck.load_weights_only and path == Path(ck.load)
