@@ -98,6 +98,7 @@ class DcpReader:
             raise ConvertError(f"{index} is unreadable ({err}); the checkpoint is damaged") from None
         self._storage.set_up_storage_reader(self.metadata, is_coordinator=True)
         check_data_files(self.path, self.metadata)
+        check_checksums(self.path)
         self._tensors = None
 
     def tensors(self) -> dict[str, TensorInfo]:
@@ -164,6 +165,17 @@ def check_data_files(path: Path, metadata: Metadata) -> None:
             raise ConvertError(f"{file} is truncated: {actual} bytes, the index needs at least {size} "
                                f"(e.g. for {example!r}). Copy the complete checkpoint directory")
     _check_coverage(metadata)
+
+
+def check_checksums(path: Path) -> None:
+    """Every file matches the SHA-256 manifest written at save (checkpoint/verify.py), so a shard whose
+    bytes were overwritten is refused here instead of being exported or resharded as weights."""
+    from megatron_ernie.checkpoint.verify import verify_checksums
+
+    problems = verify_checksums(path)
+    if problems:
+        raise ConvertError(f"{path} is damaged: {'; '.join(problems[:3])}. Copy the checkpoint again or "
+                           f"convert an earlier one")
 
 
 def _check_coverage(metadata: Metadata) -> None:

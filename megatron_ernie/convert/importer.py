@@ -30,6 +30,7 @@ from megatron_ernie.convert.dcp_io import TensorSpec, megatron_object, write_dcp
 from megatron_ernie.convert.errors import ConvertError
 from megatron_ernie.convert.export import TOKENIZER_FILES
 from megatron_ernie.convert.safetensors_io import SafetensorsModel
+from megatron_ernie.checkpoint.verify import write_manifest
 from megatron_ernie.convert.source import META
 from megatron_ernie.convert.staging import check_new_output, staged_dir, write_text_synced
 
@@ -195,7 +196,15 @@ def _read_hf_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConfigError("hf_dir", str(hf_dir), "no config.json; pass a Hugging Face model directory")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{path} is not valid JSON ({err}); it should be the model's Hugging Face "
+                           f"config.json") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{path} holds a {type(config).__name__}, not a JSON object; it should be the "
+                           f"model's Hugging Face config.json")
+    return config
 
 
 def import_hf(hf_dir, out, base_config=None, overrides=(), dtype: str | None = None,
@@ -236,3 +245,4 @@ def _write_run_files(tmp: Path, hf_dir: Path, cfg, hf_cfg: dict) -> None:
             "extra": {"config": loader.to_dict(cfg), "weights_only": True, "source": source}}
     write_text_synced(tmp / "config.toml", C.dumps(cfg))
     write_text_synced(tmp / META, json.dumps(meta, indent=2, sort_keys=True))
+    write_manifest(tmp)  # checksums of the imported files, verified when it is loaded or converted

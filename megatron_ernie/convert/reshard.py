@@ -51,6 +51,7 @@ from megatron_ernie.convert import model_keys as K
 from megatron_ernie.convert import optimizer_chains as chains
 from megatron_ernie.convert.dcp_io import COMMON, DcpReader, TensorSpec, row_chunks, write_dcp
 from megatron_ernie.convert.errors import ConvertError
+from megatron_ernie.checkpoint.verify import write_manifest
 from megatron_ernie.convert.source import META, open_checkpoint
 from megatron_ernie.convert.staging import check_new_output, staged_dir, write_text_synced
 
@@ -146,12 +147,15 @@ def _write_files(tmp: Path, ck, target, layout: dict, drop_optimizer: bool) -> N
     if layout == ck.meta.get("layout") and (ck.path / "rng").is_dir():
         shutil.copytree(ck.path / "rng", tmp / "rng")
     write_text_synced(tmp / META, json.dumps(meta, indent=2, sort_keys=True))
+    write_manifest(tmp)  # checksums of the new files, verified when it is loaded or converted
 
 
 def reshard(src, out, overrides=(), world: int | None = None, drop_optimizer: bool = False,
             verify: bool = True, max_chunk_bytes: int = 512 << 20) -> dict:
     """Write ``out``: ``src`` re-targeted at the layout ``overrides`` describe; returns a report."""
     start = time.perf_counter()
+    if world is not None and world < 1:
+        raise ConfigError("--world", world, "give the target number of processes (>= 1), or leave it out")
     check_new_output(out, "out")
     ck = open_checkpoint(src)
     target = target_config(ck.config, overrides)
