@@ -5,7 +5,8 @@ scaling.py          amax -> scale for each recipe; delayed-scaling history state
 quantize.py         per-tensor and per-block quantise / dequantise
 recipes.py          which operand of which GEMM is quantised how (delayed, current,
                     blockwise, mxfp8)
-linear.py           the emulated FP8 linear (autograd.Function)
+gemm.py             the GEMMs of a linear: emulated (fp32) or real FP8 (torch._scaled_mm)
+linear.py           the FP8 linear (autograd.Function)
 megatron_linear.py  megatron-core Column/RowParallelLinear subclasses and spec patching
 te.py               the one mapping of FP8Config onto TE recipes and megatron-core fields
 model.py            `fp8_extensions`: what the [fp8] section changes in the model build

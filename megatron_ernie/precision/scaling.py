@@ -105,13 +105,17 @@ class DelayedScalingState:
         amax = amax.detach().float().reshape(()).to(self.scale.device).clone()
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
-        if amax.item() == 0.0:
-            return
-        self.amax_history[0] = amax
-        chosen = self.amax_history.max() if self.compute_algo == "max" else amax
-        self.scale = self._next_scale(chosen)
-        self.amax_history = torch.roll(self.amax_history, -1)
-        self.amax_history[0] = 0.0
+        # Written without host syncs (no .item()), so a GPU never waits on it: every
+        # branch is a torch.where on device tensors.
+        seen = amax != 0
+        history = self.amax_history.clone()
+        history[0] = amax
+        chosen = history.max() if self.compute_algo == "max" else amax
+        scale = self._next_scale(chosen)
+        rolled = torch.roll(history, -1)
+        rolled[0] = 0.0
+        self.amax_history = torch.where(seen, rolled, self.amax_history)
+        self.scale = torch.where(seen, scale, self.scale)
 
     def record(self, amax: torch.Tensor) -> None:
         """Keep the largest amax until commit() (NaN ignored by abs_max, inf kept as TE does)."""
@@ -123,11 +127,11 @@ class DelayedScalingState:
         self.update(pending, group)
 
     def _next_scale(self, amax: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(amax)) or amax.item() <= 0:
-            return self.scale
-        scaled_max = torch.tensor(self.scaled_max, dtype=torch.float32, device=amax.device)
-        scale = scaled_max / amax
-        return torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
+        """(fmax * 2^-margin) / amax, FLT_MAX on overflow; an inf/NaN/non-positive amax keeps the scale."""
+        scale = self.scaled_max / amax  # scaled_max is exact in fp32 (a power of two times fmax)
+        scale = torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
+        usable = torch.isfinite(amax) & (amax > 0)
+        return torch.where(usable, scale, self.scale)
 
     def state_dict(self) -> dict:
         return {"amax_history": self.amax_history.detach().cpu().clone(),
