@@ -38,7 +38,7 @@ def abs_max(x: torch.Tensor, dims=None) -> torch.Tensor:
 def scale_from_amax(amax: torch.Tensor, fmax: float, power_of_two: bool) -> torch.Tensor:
     """TE's compute_scale_from_amax (current and blockwise scaling), elementwise."""
     amax = amax.float()
-    scale = torch.tensor(fmax, dtype=torch.float32, device=amax.device) / amax
+    scale = fmax / amax  # fp32 (fmax is exact in fp32); no host-to-device copy of a constant
     scale = torch.where(torch.isinf(scale), torch.full_like(scale, FP32_MAX), scale)
     degenerate = (amax == 0) | torch.isinf(amax) | torch.isnan(amax)
     scale = torch.where(degenerate, torch.ones_like(scale), scale)
