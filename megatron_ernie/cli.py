@@ -31,10 +31,11 @@ def _load(args) -> C.ErnieConfig:
 
 
 def _load_job(args) -> C.ErnieConfig:
-    """The config of a training job, validated, with its run directory proven writable."""
+    """The config of a training job, validated, its data files checked, its run directory proven writable."""
     from megatron_ernie.config.outputs import check_writable_dir
 
     cfg = _load(args)
+    cfg.data.check_files()
     check_writable_dir("run.dir", cfg.run.dir, "run directory")
     return cfg
 

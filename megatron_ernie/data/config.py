@@ -76,6 +76,10 @@ class DataConfig:
             raise ConfigError(f"{path}.weights", self.weights, fix)
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ConfigError(f"{path}.weights", self.weights, "weights must be >= 0 with a positive sum")
+
+    def check_files(self, path: str = "data") -> None:
+        """The preprocessed files are whole (each .bin as long as its .idx says).  Not part of
+        ``validate``: a cluster config is validated on machines without its data; jobs call this."""
         for i, prefix in enumerate(self.prefixes):
             check_indexed_files(prefix, f"{path}.prefixes[{i}]")
 

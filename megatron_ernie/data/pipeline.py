@@ -34,6 +34,7 @@ def setup_data(config: DataConfig, seq_length: int, num_samples: Sequence[Option
     """Tokenizer and datasets for ``config``; ``num_samples`` = (train, valid, test) counts."""
     cache_dir = config.resolved_cache_dir()
     if config.prefixes:
+        config.check_files()
         tokenizer_path = config.tokenizer
         blend = list(zip(config.weights, config.prefixes)) if config.weights else list(config.prefixes)
     else:
