@@ -60,7 +60,18 @@ def load_submission(args: argparse.Namespace) -> tuple[SlurmConfig, JobSpec]:
         check_rollout_replicas(slurm, raw.get("rl", {}).get("system", {}).get("rollout_tensor", 1))
         slurm.check_teachers("slurm", sorted(raw.get("rl", {}).get("distill", {}).get("teachers", {})))
         slurm.check_judge("slurm", bool(raw.get("rl", {}).get("judge", {}).get("checkpoint", "")))
+    if not args.command:
+        check_job_config(config_path, args.set)
     return slurm, job
+
+
+def check_job_config(config_path: Path, overrides) -> None:
+    """The config checks the job itself runs at start-up (every section and the rules between
+    them), here, before anything is queued: a typo must not wait in the queue for hours to fail.
+    (The layout rules that need the world size are left to `ernie show-config --world-size N`.)"""
+    from megatron_ernie import config as C
+
+    C.validate(C.load(config_path, overrides))
 
 
 def check_rollout_replicas(slurm: SlurmConfig, rollout_tensor) -> None:
