@@ -3,6 +3,7 @@ time to target, hand-off time, and the ideal overlap.
 
     python benchmarks/async_vs_sync.py [--config configs/rl_tiny_cpu.toml] [--seeds 1,2,3,4,5] [--lag 1]
                                        [--steps 80] [--window 20] [--target auto] [--out DIR] [--set k=v ...]
+                                       [--reuse]   (keep the finished runs of an interrupted benchmark)
 
 Why this shape (issue 14, item 3): one seed pair once gave a 3.15x speedup
 that other seeds did not reproduce (0.72x to 2.34x over 4 seeds). So:
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,9 +42,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ running
-def run_once(config: Path, lag: int, seed: int, steps: int, out: Path, extra: list[str]) -> list[dict]:
+def finished_run(run_dir: Path, steps: int) -> list[dict] | None:
+    """The metrics of a run already finished in `run_dir` (--reuse), else None."""
+    path = run_dir / "rl" / "metrics.jsonl"
+    metrics = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return metrics if len(metrics) == steps else None
+
+
+def run_once(config: Path, lag: int, seed: int, steps: int, out: Path, extra: list[str],
+             reuse: bool = False) -> list[dict]:
     """One RL run; returns its per-step metrics (rl/metrics.jsonl)."""
     run_dir = out / f"seed{seed}_lag{lag}"
+    if reuse and (done := finished_run(run_dir, steps)) is not None:
+        return done
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a partial run would append to its metrics.jsonl
     cmd = [sys.executable, "-m", "megatron_ernie.rl.main", "--config", str(config), "--set", f'run.dir="{run_dir}"',
            "--set", f"rl.buffer.max_policy_lag={lag}", "--set", f"train.iters={steps}", "--set", f"run.seed={seed}",
            "--set", "checkpoint.save_on_exit=false", "--set", "log.tensorboard=false", "--resume", "none", *extra]
@@ -178,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64, help="samples per step of the config (for the report)")
     p.add_argument("--out", default="runs/async_vs_sync")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--reuse", action="store_true", help="keep runs of --out that already finished (same --steps)")
     args = p.parse_args(argv)
     if args.lag < 1:
         p.error("--lag must be >= 1 (lag 0 is the synchronous baseline, always run)")
@@ -187,7 +202,7 @@ def main(argv=None) -> int:
     extra = [x for o in args.overrides for x in ("--set", o)]
     runs, start = {}, time.monotonic()
     for seed, lag in schedule(seeds, args.lag):
-        runs[(seed, lag)] = run_once(Path(args.config), lag, seed, args.steps, out, extra)
+        runs[(seed, lag)] = run_once(Path(args.config), lag, seed, args.steps, out, extra, args.reuse)
         print(f"seed {seed} lag {lag}: done ({time.monotonic() - start:.0f} s so far)", flush=True)
     target = args.target if args.target == "auto" else float(args.target)
     result = compare(runs, args.lag, args.window, target)
