@@ -293,7 +293,10 @@ class PolicyTrainer:
         flags = torch.zeros(batch.size)
         for offset, flipped in self.routing.take_sequence_flips().items():
             flags[offset: offset + len(flipped)] = flipped.float()
+        if torch.cuda.is_available():  # NCCL reduces device tensors only
+            flags = flags.cuda()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = flags.cpu()
         same = batch.versions == self.version - 1  # the step just taken incremented the version
         out = {"routing_seq_flip_own": float(flags.mean())}
         out["routing_seq_flip_used"] = 0.0 if self.replay else out["routing_seq_flip_own"]
