@@ -290,6 +290,7 @@ class PolicyTrainer:
         """
         if self.routing is None:
             return {}
+        self.routing.take_recorded()  # replay/compare modes record every forward's choices: not kept across steps
         flags = torch.zeros(batch.size)
         for offset, flipped in self.routing.take_sequence_flips().items():
             flags[offset: offset + len(flipped)] = flipped.float()
