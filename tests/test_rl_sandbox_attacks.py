@@ -242,3 +242,29 @@ def test_uid_lease_skips_uids_in_use_and_is_released():
             assert fourth is None
     with _leased_uid(replace(config, uid_count=1)) as again:
         assert again.uid == 62_000
+
+
+NO_LANDLOCK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from megatron_ernie.config.rl import SandboxConfig
+from megatron_ernie.rl.reward import sandbox_confine as confine
+from megatron_ernie.rl.reward.sandbox import run_python
+assert confine.install_seccomp(("landlock_create_ruleset",))  # a kernel without Landlock, for this process tree
+weak = SandboxConfig(wall_s=4, cpu_s=1, memory_mb=128, isolation="rlimits", accept_weak_isolation=True,
+                     python="/usr/bin/python3")
+result = run_python("print('ran')", config=weak)
+print(json.dumps([result.status, result.stdout, result.detail]))
+"""
+
+
+def test_weak_mode_as_ordinary_user_refuses_without_landlock(readable_source):
+    """Without Landlock the program would run as the job's own user, next to its files and processes."""
+    _skip_unless_cell_possible("non-root", "weak")
+    out = subprocess.run(["setpriv", f"--reuid={NON_ROOT_UID}", f"--regid={NON_ROOT_UID}", "--clear-groups",
+                          "/usr/bin/python3", "-c", NO_LANDLOCK, str(readable_source)],
+                         capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    status, stdout, detail = json.loads(out.stdout)
+    assert (status, stdout) == ("sandbox_error", ""), detail
+    assert "needs Landlock" in detail and "auth key" in detail

@@ -137,7 +137,8 @@ class SandboxConfig:
     (sandbox_error naming the fix) instead of silently running them weakly.
     "rlimits" is the weak mode (limits, uid drop, Landlock and seccomp where
     the kernel has them, the host's network/IPC namespaces): it runs only with
-    accept_weak_isolation = true, an explicit acknowledgement.
+    accept_weak_isolation = true, an explicit acknowledgement, and as an
+    ordinary user only where the kernel has Landlock.
     uid/gid, uid_count: as root, each run leases the lowest uid of
     [uid, uid + uid_count) that no other run on the node holds (gid moves
     with it): the process limit and the user keyring count per uid node-wide,

@@ -32,7 +32,10 @@ neither is possible, isolation="auto" refuses to run the program (status
 sandbox_error, naming what is missing and the fix); the weak mode (rlimits,
 uid drop if root, Landlock and seccomp where the kernel has them, no private
 namespaces) runs only when configured as isolation="rlimits" with
-accept_weak_isolation=true. The mode used is in every `SandboxResult.isolation`.
+accept_weak_isolation=true, and as an ordinary user only where Landlock
+exists (otherwise the program, running as the job's own user, could read
+the job's files and its other processes' memory and environment). The mode
+used is in every `SandboxResult.isolation`, the layers in `.layers`.
 
 `run_python` never raises for anything the program does: a crash, timeout or
 limit is a `SandboxResult` with a status and a detail line.
@@ -283,5 +286,6 @@ def _warn_once(status: dict, isolation: str) -> None:
         layers = status.get("layers", [])
         missing = [name for name in ("landlock", "seccomp") if name not in layers]
         log.warning(f"reward sandbox: weak 'rlimits' mode (accepted in the config), layers {layers}"
-                    + (f"; kernel lacks {missing}: the program can read this user's files, reach the "
-                       f"network or signal this user's processes" if missing else ""))
+                    + (f"; the kernel lacks {missing}: the program can read world-readable files of the job"
+                       + (", reach the network and keyrings" if "seccomp" in missing else "")
+                       if missing else ""))

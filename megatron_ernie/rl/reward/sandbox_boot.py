@@ -272,6 +272,11 @@ def confine_program(spec: dict, mode: str) -> list:
         if confine.restrict_with_landlock(spec["readonly_paths"] + ["/dev/null", "/dev/urandom"],
                                           [spec["scratch_dir"]]):
             layers.append("landlock")
+        elif not spec["outer_root"]:
+            raise OSError("isolation = 'rlimits' as an ordinary user needs Landlock (Linux >= 5.13 with landlock "
+                          "in the lsm= list): without it the program runs as the job's own user and could read the "
+                          "job's files and the memory and environment (auth key, hidden tests) of its other "
+                          "processes. Run as root, enable user namespaces, or enable Landlock")
         seccomp = confine.weak_mode_filter()
     else:
         seccomp = confine.strong_mode_filter(spec["sysv_bounded"])
