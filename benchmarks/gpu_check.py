@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
     p.add_argument("--cpu-dry-run", action="store_true", help="every section on CPU with tiny sizes")
-    p.add_argument("--budget-s", type=float, default=None, help="deadline for all sections (GPU 420, dry 600)")
+    p.add_argument("--budget-s", type=float, default=None, help="deadline for all sections (GPU 420, dry 800)")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps per run (GPU 14, dry 4)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (GPU 4, dry 1)")
     p.add_argument("--recipes", default="delayed,current", help="FP8 recipes (backend torch) for the dense model")
@@ -88,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated sections to skip (tests, moe, rl, fp8)")
     args = p.parse_args(argv)
     dry = args.cpu_dry_run
-    for name, gpu, cpu in (("budget_s", 420.0, 600.0), ("steps", 14, 4), ("warmup", 4, 1),
+    for name, gpu, cpu in (("budget_s", 420.0, 800.0), ("steps", 14, 4), ("warmup", 4, 1),
                            ("gemm_n", 8192, 256), ("rl_prompts", 16, 2)):
         if getattr(args, name) is None:
             setattr(args, name, cpu if dry else gpu)
@@ -317,10 +318,11 @@ def section_rl(args, log, deadline) -> dict:
            "--pairings", RL_PAIRINGS, "--json", str(out), "--set", "fp8.backend=\"torch\""]
     if args.cpu_dry_run:
         cmd += ["--max-new-tokens", "3"]
-    proc = run_logged("rl rollout K3", cmd, log, deadline, cap_s=150)
+    proc = run_logged("rl rollout K3", cmd, log, deadline, cap_s=None if args.cpu_dry_run else 150)
     if proc["status"] != "ok" or not out.exists():
         return {"status": proc["status"], "error": proc["tail"]}
     rows = json.loads(out.read_text())["rows"]
+    out.unlink()
     keep = ("pairing", "k3_replay", "k3_compare", "route_mismatch", "max_abs_dlogp_replay",
             "max_abs_dlogp_compare", "tokens", "generate_s")
     return {"status": "ok", "rows": [{k: r.get(k) for k in keep} for r in rows]}
@@ -361,6 +363,7 @@ def pretrain_runs(args, log, deadline, report, skip) -> dict:
         runs[name] = result
         if recipe:
             fp8[recipe] = fp8_versus_bf16(runs["dense_bf16"], result)
+    shutil.rmtree(run_root, ignore_errors=True)  # run dirs hold only the tokenizer and logs
     return {"runs": runs, "fp8_vs_bf16": fp8}
 
 
