@@ -19,6 +19,10 @@ local expert row the GEMM inputs/outputs; a rank's experts receive
 ``tokens * topk * imbalance`` rows (balanced routing: imbalance = 1), gathered
 over expert-TP.
 
+Constants that depend on implementation details (fp32 norm statistics,
+the gated unit's intermediates) were read off saved-tensor hooks on this
+build (tests/dist/plan_probes.py) and are marked where used.
+
 In flight (Narayanan et al. 2021; Megatron-LM's theoretical_memory_usage):
 1F1B keeps min(PP - r, m) micro-batches on pipeline rank r; the interleaved
 schedule keeps PP * (1 + (PP - 1) / (PP * VPP)) of them on rank 0.
@@ -41,43 +45,62 @@ class Shape:
     act_bytes: int  # 2 for bf16, 4 for fp32
     tp: int
     sp: int  # TP when sequence parallel, else 1
+    te_norm: bool = False  # TE's fused LayerNormLinear (GPUs) instead of torch's norm (CPU)
 
     @property
     def tokens(self) -> int:
         return self.seq * self.micro_batch
 
 
-def shape_of(model, moe, par, train) -> Shape:
+def shape_of(model, moe, par, train, kernel: str = "unfused") -> Shape:
     tp = par.tensor
     sp = tp if (par.sequence_parallel or (moe.num_experts > 0 and tp > 1)) else 1
-    return Shape(model.seq_length, train.micro_batch_size, 2 if model.dtype == "bf16" else 4, tp, sp)
+    return Shape(model.seq_length, train.micro_batch_size, 2 if model.dtype == "bf16" else 4, tp, sp,
+                 te_norm=kernel == "flash")
+
+
+def norm_bytes(model, sh: Shape) -> float:
+    """torch's RMSNorm upcasts to fp32 and saves the fp32 input and normalised input plus one fp32
+    statistic per token, whatever the model dtype; LayerNorm (a fused kernel) saves its input and
+    two fp32 statistics (measured with saved-tensor hooks).  TE's fused norm+GEMM (GPUs) keeps the
+    input and the normalised output in the model dtype and fp32 statistics (estimate)."""
+    if sh.te_norm:
+        return (2 * model.hidden_size * sh.act_bytes + 8) * sh.tokens / sh.sp
+    if model.normalization == "LayerNorm":
+        return (model.hidden_size * sh.act_bytes + 8) * sh.tokens / sh.sp
+    return (2 * model.hidden_size + 1) * sh.tokens * 4 / sh.sp
 
 
 def attention_bytes(model, sh: Shape, recompute: str, kernel: str = "unfused") -> float:
-    """Saved tensors of one self-attention block for one micro-batch.
+    """Saved tensors of one self-attention block (with its norm) for one micro-batch.
 
     ``kernel``: "unfused" is megatron-core's DotProductAttention (the local
-    spec, what runs on CPU): it materialises the a x s x s scores. "flash" is
-    a fused kernel (TE on GPUs; Dao et al. 2022): it saves Q, K, V, the output
-    and an fp32 log-sum-exp per row, and recomputes the scores in backward."""
+    spec, what runs on CPU): the QKV GEMM output, K and V repeated to all
+    heads, the fp32 softmax output (and its cast for probs @ V below fp32).
+    "flash" is a fused kernel (TE on GPUs; Dao et al. 2022): Q, K, V, the
+    output and an fp32 log-sum-exp per row; the scores are recomputed."""
     h, a, g = model.hidden_size, model.num_attention_heads, model.num_query_groups
     d = h // a
     t, e, n = sh.tp, sh.act_bytes, sh.tokens
-    norm_and_qkv_in = 2 * n * h * e / sh.sp
+    qkv_in = n * h * e / sh.sp  # the column-parallel GEMM saves its input un-gathered
+    qkv_out = n * (a + 2 * g) * d * e / t
     proj_in = n * a * d * e / t
+    base = norm_bytes(model, sh) + qkv_in + qkv_out + proj_in
     if kernel == "flash":
-        return norm_and_qkv_in + n * (a + 2 * g) * d * e / t + proj_in + n * a / t * 4
+        return base + n * a / t * 4
     if recompute == "selective":  # core attention recomputed from the saved Q, K, V
-        return norm_and_qkv_in + n * (a + 2 * g) * d * e / t + proj_in
-    qkv_expanded = 3 * n * a * d * e / t  # Q and the K/V repeated to all heads
-    scores = a * sh.seq * n * e / t  # softmax output, reused by probs @ V
+        return base
+    kv_repeated = 2 * n * a * d * e / t
+    scores = a * sh.seq * n / t * (4 + (e if e < 4 else 0))  # fp32 softmax, plus probs in the model dtype
     dropout_mask = a * sh.seq * n / t if model.attention_dropout > 0 else 0
-    return norm_and_qkv_in + qkv_expanded + scores + dropout_mask + proj_in
+    return base + kv_repeated + scores + dropout_mask
 
 
-def swiglu_bytes(rows: float, h: int, ffn_local: int, e: int, in_split: int) -> float:
-    """fc1 input, fc1 output (2 ffn), silu output, fc2 input: a gated MLP's saved tensors."""
-    return rows * e * (h / in_split + 4 * ffn_local)
+def gated_mlp_bytes(rows: float, ffn_local: int, e: int, probs: bool = False) -> float:
+    """A SwiGLU MLP's saved intermediates per row: fc1 output (2 ffn), two ffn-wide tensors of the
+    gated unit and the fc2 input; routed experts save one more (the output scaled by the routing
+    probability) and the probability (measured with saved-tensor hooks on this build)."""
+    return rows * e * ((6 if probs else 5) * ffn_local + (1 if probs else 0))
 
 
 def expert_rows(moe, par, sh: Shape, imbalance: float) -> float:
@@ -87,17 +110,17 @@ def expert_rows(moe, par, sh: Shape, imbalance: float) -> float:
 
 def mlp_bytes(layer: int, model, moe, par, sh: Shape, imbalance: float) -> float:
     h, e = model.hidden_size, sh.act_bytes
-    norm_in = sh.tokens * h * e / sh.sp
-    if not is_moe_layer(layer, moe):
-        return norm_in + swiglu_bytes(sh.tokens, h, model.ffn_hidden_size // sh.tp, e, sh.sp)
     local = sh.tokens / sh.sp
-    router = local * h * e + 2 * local * moe.num_experts * 4  # router input; fp32 logits and scores
+    norm_and_in = norm_bytes(model, sh) + local * h * e  # fc1 / router input
+    if not is_moe_layer(layer, moe):
+        return norm_and_in + gated_mlp_bytes(sh.tokens, model.ffn_hidden_size // sh.tp, e)
+    router = local * moe.num_experts * 4  # fp32 logits
     rows = expert_rows(moe, par, sh, imbalance)
-    experts = swiglu_bytes(rows, h, moe.expert_ffn_hidden_size // par.expert_tensor_size, e, 1) + rows * h * e
+    experts = rows * h * e + gated_mlp_bytes(rows, moe.expert_ffn_hidden_size // par.expert_tensor_size, e, True)
     shared = 0
     if moe.shared_expert_ffn_hidden_size:
-        shared = swiglu_bytes(sh.tokens, h, moe.shared_expert_ffn_hidden_size // sh.tp, e, sh.sp)
-    return norm_in + router + experts + shared
+        shared = gated_mlp_bytes(sh.tokens, moe.shared_expert_ffn_hidden_size // sh.tp, e)  # input: the router's
+    return norm_and_in + router + experts + shared
 
 
 def layer_bytes(layer: int, model, moe, par, sh: Shape, recompute: str = "none", imbalance: float = 1.0,
@@ -109,8 +132,9 @@ def layer_bytes(layer: int, model, moe, par, sh: Shape, recompute: str = "none",
 
 
 def head_bytes(model, sh: Shape, vocab_padded: int) -> float:
-    """Last stage: final norm and output GEMM inputs, fp32 vocab-parallel softmax."""
-    return 2 * sh.tokens * model.hidden_size * sh.act_bytes / sh.sp + sh.tokens * vocab_padded / sh.tp * 4
+    """Last stage: final norm, the output GEMM's input, fp32 vocab-parallel logits for the loss."""
+    return norm_bytes(model, sh) + sh.tokens * model.hidden_size * sh.act_bytes / sh.sp + \
+        sh.tokens * vocab_padded / sh.tp * 4
 
 
 def microbatches_in_flight(pp: int, vpp: int, pp_rank: int, m: int) -> float:
@@ -122,7 +146,7 @@ def microbatches_in_flight(pp: int, vpp: int, pp_rank: int, m: int) -> float:
 def rank_activation_bytes(model, moe, par, train, vocab_padded: int, pp_rank: int, m: int,
                           recompute: str = "none", imbalance: float = 1.0, kernel: str = "unfused") -> float:
     """Peak saved activations on one pipeline rank: per-micro-batch bytes x micro-batches in flight."""
-    sh = shape_of(model, moe, par, train)
+    sh = shape_of(model, moe, par, train, kernel)
     pp, vpp = par.pipeline, par.virtual_pipeline
     layers = [i for c in range(vpp) for i in chunk_layers(model.num_layers, pp, vpp, pp_rank, c)]
     per_mb = sum(layer_bytes(i, model, moe, par, sh, recompute, imbalance, kernel) for i in layers)

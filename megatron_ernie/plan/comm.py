@@ -23,8 +23,15 @@ Where each collective comes from (megatron-core 0.16.1):
   tokens * topk * imbalance * h elements per MoE layer and micro-batch.
 * etp: with expert-TP > 1 the dispatched rows are all-gathered over expert-TP
   before the experts and reduce-scattered after (and the conjugates backward).
+  This MoE-under-TP token path is an estimate (benchmarks/plan_accuracy.py
+  shows its error); every other term here matches a measured step exactly
+  (tests/test_plan_dist.py), apart from scalars and routing metadata.
+* tp, at the ends: the vocabulary-parallel embedding and the output layer
+  (``_tp_ends``), and once per step the all-reduce of the gradients of the
+  sequence-parallel replicated weights (norms, routers).
 * pp: per micro-batch and chunk boundary one activation forward and one
-  gradient backward (s*b*h/SP elements each way).
+  gradient backward (s*b*h/SP elements each way).  embd: tied embeddings with
+  PP > 1 all-reduce the word-embedding gradient between first and last stage.
 * dp / expert-dp: the fp32 main-grad buffer is all-reduced (or, with the
   distributed optimizer, reduce-scattered) once per step over the dense and the
   expert data-parallel groups; the distributed optimizer then all-gathers the
@@ -97,9 +104,57 @@ def step_traffic(model, moe, par, train, vocab_size: int, world: int, pp_rank: i
                 _tp_layer(t, not moe_layer, moe_layer and moe.shared_expert_ffn_hidden_size > 0, m * elems, sh.sp > 1)
             if moe_layer:
                 _expert_layer(t, moe, par, m * rows)
+    if par.tensor > 1:
+        _tp_ends(t, par, pp_rank, m * elems, sh.sp > 1)
+        _sequence_parallel_grads(t, model, moe, par, vocab_size, pp_rank, sh.sp > 1)
     _pipeline(t, par, pp_rank, m, elems / sh.sp)
+    _tied_embedding(t, model, par, vocab_size, pp_rank)
     _data_parallel(t, model, moe, par, vocab_size, world, pp_rank, fp8)
     return t
+
+
+def _tp_ends(t: Traffic, par, pp_rank: int, elems: float, sp: bool) -> None:
+    """The vocabulary-parallel embedding (first stage) and output layer (last stage).
+
+    Embedding: its partial sums are reduce-scattered (SP) or all-reduced
+    forward; SP gathers the gradient back.  Output layer: a column-parallel
+    GEMM like QKV (all-gather forward, re-gather for wgrad, reduce-scatter of
+    the input gradient) or, without SP, one all-reduce backward."""
+    if pp_rank == 0:
+        if sp:
+            t.add("tp", "reduce_scatter", elems)
+            t.add("tp", "all_gather", elems)
+        else:
+            t.add("tp", "all_reduce", elems)
+    if pp_rank == par.pipeline - 1:
+        if sp:
+            t.add("tp", "all_gather", 2 * elems)
+            t.add("tp", "reduce_scatter", elems)
+        else:
+            t.add("tp", "all_reduce", elems)
+
+
+def _sequence_parallel_grads(t: Traffic, model, moe, par, vocab_size: int, pp_rank: int, sp: bool) -> None:
+    """With SP each TP rank sees other tokens, so the replicated weights tagged sequence_parallel
+    (norms, routers) have partial gradients: one all-reduce of their fp32 grads per step
+    (megatron-core finalize_model_grads)."""
+    if not sp:
+        return
+    from megatron_ernie.plan.inventory import rank_chunks
+
+    n = sum(p.numel for params in rank_chunks(model, moe, par, vocab_size, pp_rank) for p in params
+            if "layernorm" in p.local_name or "router" in p.local_name)
+    t.add("tp", "all_reduce", n * GRAD_BYTES)
+
+
+def _tied_embedding(t: Traffic, model, par, vocab_size: int, pp_rank: int) -> None:
+    """Tied input/output embeddings with PP > 1: the first and last stage all-reduce the
+    word-embedding gradient (fp32 main grad) over the embedding group once per step."""
+    if model.untie_embeddings_and_output_weights or par.pipeline == 1 or 0 < pp_rank < par.pipeline - 1:
+        return
+    from megatron_ernie.plan.inventory import padded_vocab
+
+    t.add("embd", "all_reduce", padded_vocab(vocab_size, par.tensor) // par.tensor * model.hidden_size * GRAD_BYTES)
 
 
 def _pipeline(t: Traffic, par, pp_rank: int, m: int, message: float) -> None:
@@ -115,13 +170,21 @@ def _pipeline(t: Traffic, par, pp_rank: int, m: int, message: float) -> None:
 
 
 def _data_parallel(t: Traffic, model, moe, par, vocab_size: int, world: int, pp_rank: int, fp8) -> None:
+    """Gradient reduction and (distributed optimizer) parameter all-gather of every DDP buffer.
+
+    megatron-core calls the collectives on one-rank groups too (payload, no
+    wire traffic).  With expert-path parameters the optimizer is a
+    ChainedOptimizer of a dense and an expert DistributedOptimizer, and each
+    one's step re-gathers the parameters of every bucket of the model chunks
+    (``start_param_sync(force_sync=True)``): measured twice per step in
+    megatron-core 0.16.1, so the all-gather payload doubles."""
     pbytes = param_bytes_per_element(model, fp8)
-    for buf in rank_buffers(model, moe, par, vocab_size, world, pp_rank):
-        if buf.dp == 1:
-            continue
+    buffers = rank_buffers(model, moe, par, vocab_size, world, pp_rank)
+    optimizers = 1 + any(b.expert for b in buffers)
+    for buf in buffers:
         group = "expert_dp" if buf.expert else "dp"
         if par.distributed_optimizer:
             t.add(group, "reduce_scatter", buf.layout.numel * GRAD_BYTES)
-            t.add(group, "all_gather", buf.layout.numel * pbytes)
+            t.add(group, "all_gather", buf.layout.numel * pbytes * optimizers)
         else:
             t.add(group, "all_reduce", buf.layout.numel * GRAD_BYTES)

@@ -126,7 +126,8 @@ BINDING_FIX = {
     "grads": "more tensor/pipeline/expert parallelism",
     "optimizer": "the distributed optimizer or more data parallelism",
     "fp8_weights": "fp8.param_gather or more model parallelism",
-    "activations": "recomputation, a smaller micro-batch, or more tensor/pipeline parallelism",
+    "activations": "more tensor/pipeline parallelism or a smaller micro-batch (activation recomputation "
+                   "is not a trainer option yet; ernie plan --recompute shows what it would save)",
     "moe_dispatch": "more expert parallelism or a lower routing imbalance",
 }
 

@@ -80,7 +80,7 @@ def peak_flops(device, model, fp8) -> float:
 def group_bandwidth(group: str, par, world: int, device) -> float:
     """Bytes/s per rank: NVLink if the group's ranks share a node, else InfiniBand."""
     span = {"tp": par.tensor, "ep": par.expert * par.expert_tensor_size, "etp": par.expert_tensor_size,
-            "dp": world // par.pipeline, "expert_dp": world // par.pipeline, "pp": world}[group]
+            "dp": world // par.pipeline, "expert_dp": world // par.pipeline, "pp": world, "embd": world}[group]
     gbps = device.nvlink_gbps if span <= device.gpus_per_node else device.ib_gbps
     return gbps * 1e9
 
@@ -89,7 +89,7 @@ def group_size(group: str, par, world: int) -> int:
     dp = world // (par.tensor * par.pipeline * par.context)
     edp = world // (par.expert_tensor_size * par.expert * par.pipeline)
     return {"tp": par.tensor, "ep": par.expert, "etp": par.expert_tensor_size, "dp": dp,
-            "expert_dp": edp, "pp": par.pipeline}[group]
+            "expert_dp": edp, "pp": par.pipeline, "embd": 2}[group]
 
 
 def comm_seconds(traffic: Traffic, par, world: int, device, kinds=None) -> dict[str, float]:

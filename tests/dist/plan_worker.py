@@ -3,8 +3,9 @@
     torchrun --nproc_per_node=4 tests/dist/plan_worker.py layouts OUT.json CASE_JSON
 
 For every layout of the case (all in this one launch): build the run exactly
-as `ernie pretrain` does, train one step (so AdamW has created its state) and
-count, on every rank, the bytes of the storages behind the parameters, behind
+as `ernie pretrain` does, train one step (so AdamW has created its state),
+recording the bytes handed to torch.distributed per group and the activations
+saved per chunk forward (plan_probes.py), and count, on every rank, the bytes of the storages behind the parameters, behind
 DDP's main-grad buffers and behind the optimizer's state and master weights.
 Storages are counted once each, so views (megatron's parameters inside the
 distributed optimizer's buffer, fp32 shards that alias the model weights) are
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state as ps
 
+from plan_probes import CommCounter, SavedActivations
 from worker import gather, make_cfg, setup
 from megatron_ernie.train import loop
 
@@ -73,8 +75,12 @@ def scenario_layouts(case: dict, tmp: Path) -> dict:
             run = loop.setup(cfg, pretrain_objective(cfg))
         else:
             run = setup(make_cfg(run_dir, spec["overrides"] + ["train.iters=1"]))
-        loop.train(run)
-        results[name] = {"config": str(Path(run_dir) / "config.toml"), "ranks": gather(count_static(run))}
+        saved = SavedActivations(run.model)
+        with CommCounter() as comm:
+            loop.train(run)
+        saved.remove()
+        rank = {**count_static(run), "comm": comm.bytes, "comm_control": comm.control, "saved_per_forward": saved.per_forward}
+        results[name] = {"config": str(Path(run_dir) / "config.toml"), "ranks": gather(rank)}
         run.experts.remove()
     return results
 
