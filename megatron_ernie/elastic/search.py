@@ -174,17 +174,39 @@ def main(argv=None) -> int:
 
 
 def eval_main(argv=None) -> int:
-    """`ernie eval --subnet ...`: validation loss of one sub-network of a supernet."""
-    from megatron_ernie.elastic.session import open_supernet
-    from megatron_ernie.elastic.subnet import parse_subnet
+    """`ernie eval`: validation loss of any checkpoint (a supernet's sub-network with --subnet, or a
+    plain, extracted or imported model); --json prints the row with full precision."""
+    from megatron_ernie.elastic.session import open_any
+    from megatron_ernie.runtime import distributed
 
-    p = argparse.ArgumentParser(prog="ernie eval", description="validation loss of a supernet's sub-network")
-    p.add_argument("--run-dir", required=True)
+    p = argparse.ArgumentParser(prog="ernie eval", description="validation loss of a checkpoint "
+                                "(a supernet's sub-network with --subnet)")
+    p.add_argument("--run-dir", required=True, help="a run directory, checkpoints/ root or checkpoint directory")
     p.add_argument("--subnet", default="", help='e.g. "depth=3,ffn=0.5,experts=2,topk=1" (empty = full)')
+    p.add_argument("--json", action="store_true", help="print one JSON object (full precision)")
     args = p.parse_args(argv)
-    run = open_supernet(args.run_dir)
-    s = parse_subnet(args.subnet, run.cfg.model, run.cfg.moe)
-    row = evaluate(run, [s])[0]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(format_table([row]))
+    run = open_any(args.run_dir)
+    try:
+        row = _eval_row(run, args.subnet)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(json.dumps(row) if args.json else format_table([row]))
+    finally:
+        distributed.shutdown()  # a clean exit: no process group left to abort at interpreter teardown
     return 0
+
+
+def _eval_row(run, subnet_text: str) -> dict:
+    """One table row: the sub-network of a supernet, or the whole of a plain model."""
+    from megatron_ernie.elastic.subnet import full_subnet, parse_subnet
+    from megatron_ernie.model.build import padded_vocab_size
+    from megatron_ernie.train import loop
+
+    cfg = run.cfg
+    if cfg.elastic.enabled:
+        return evaluate(run, [parse_subnet(subnet_text, cfg.model, cfg.moe)])[0]
+    if subnet_text:
+        raise ConfigError("--subnet", subnet_text, "this checkpoint is a plain model, not a supernet; leave it out")
+    vocab = padded_vocab_size(run.data.tokenizer.vocab_size, cfg.parallel.tensor)
+    row = size_row(full_subnet(cfg.model, cfg.moe), cfg.model, cfg.moe, vocab, ())
+    row["valid_loss"] = loop.evaluate(run)
+    return row
