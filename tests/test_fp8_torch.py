@@ -268,12 +268,16 @@ def test_a_torch_without_fp8_gemms_is_a_config_error_naming_the_backend(monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("_scaled_mm is not implemented for this device")
 
+    from megatron_ernie.precision.te import validate_runtime
+
     monkeypatch.setattr(torch, "_scaled_mm", broken)
-    with pytest.raises(ConfigError) as error:
-        fp8_extensions(FP8Config(recipe="current", backend="torch"), 4)
-    assert error.value.field == "fp8.backend" and error.value.value == "torch"
-    assert torch.__version__ in str(error.value) and "not implemented" in str(error.value)
-    assert 'backend = "emulate"' in error.value.fix
+    for check in (lambda cfg: fp8_extensions(cfg, 4), validate_runtime):
+        with pytest.raises(ConfigError) as error:
+            check(FP8Config(recipe="current", backend="torch"))
+        assert error.value.field == "fp8.backend" and error.value.value == "torch"
+        assert torch.__version__ in str(error.value) and "not implemented" in str(error.value)
+        assert 'backend = "emulate"' in error.value.fix
+    validate_runtime(FP8Config(recipe="off", backend="torch"))  # FP8 off: nothing to check
 
 
 # ------------------------------------------------------------------ ernie pretrain, both backends

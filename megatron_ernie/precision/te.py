@@ -67,7 +67,14 @@ def probe_transformer_engine() -> TEStatus:
 
 
 def validate_runtime(cfg: FP8Config, path: str = "fp8") -> None:
-    """For backend 'te': TE imports, a GPU exists, and this TE and GPU run the recipe."""
+    """For backend 'te': TE imports, a GPU exists, and this TE and GPU run the recipe.
+
+    For backend 'torch': this torch runs FP8 GEMMs on this device (precision/model.py).
+    """
+    if cfg.enabled and cfg.backend == "torch":
+        from megatron_ernie.precision.model import validate_scaled_mm_runtime
+
+        validate_scaled_mm_runtime(cfg)
     if not cfg.enabled or cfg.backend != "te":
         return
     status = probe_transformer_engine()
