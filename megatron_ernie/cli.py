@@ -101,6 +101,9 @@ def cmd_show_config(args) -> int:
     cfg = _load(args)
     if args.world_size:
         C.validate(cfg, args.world_size)
+        from megatron_ernie.plan.check import peak_memory_line
+
+        print(peak_memory_line(cfg, args.world_size, args.gpu, args.force), file=sys.stderr)
     print(C.dumps(cfg))
     return 0
 
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show-config", help="print the resolved config (after --set), validated")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=0, help="also check the layout for this many processes")
+    p.add_argument("--gpu", default="h100", help="device for the memory check with --world-size (see ernie plan)")
+    p.add_argument("--force", action="store_true", help="print even when the layout is predicted not to fit")
     p.set_defaults(func=cmd_show_config)
     sub.add_parser("preprocess", help="text/JSONL -> megatron indexed dataset (ernie preprocess --help)")
     sub.add_parser("submit", help="render an sbatch script from a config and submit it (ernie submit --help)")

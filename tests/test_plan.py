@@ -219,3 +219,45 @@ def test_cli_exit_code_1_when_nothing_fits(capsys):
     assert cli.main(argv) == 1
     out = capsys.readouterr().out
     assert "0 fit" in out and "does not fit:" in out
+
+
+# ------------------------------------------------------------------------ show-config / submit
+
+BIG = str(ROOT / "configs" / "gpu_ernie45_300b_a47b.toml")
+
+
+def test_show_config_refuses_a_layout_predicted_not_to_fit_and_the_suggestion_fits(capsys):
+    import re
+
+    from megatron_ernie import cli as ernie
+    from megatron_ernie.plan.check import peak_memory_line
+
+    assert ernie.main(["show-config", "--config", BIG, "--world-size", "768"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel" in err and "--force" in err
+    overrides = re.findall(r"--set (parallel\.\w+=\w+)", err)
+    assert len(overrides) == 7
+    fixed = C.load(BIG, overrides)
+    assert "DOES NOT FIT" not in peak_memory_line(fixed, 768)  # raises if it did not fit
+
+
+def test_show_config_force_and_a_fitting_config_print_the_peak(capsys):
+    from megatron_ernie import cli as ernie
+
+    assert ernie.main(["show-config", "--config", BIG, "--world-size", "768", "--force"]) == 0
+    assert "DOES NOT FIT" in capsys.readouterr().err
+    small = str(ROOT / "configs" / "gpu_moe16b_a3b_4x8.toml")
+    assert ernie.main(["show-config", "--config", small, "--world-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "predicted peak memory per rank" in err and "DOES NOT FIT" not in err
+    assert ernie.main(["show-config", "--config", BIG, "--world-size", "768", "--gpu", "h200"]) == 0
+
+
+def test_submit_dry_run_refuses_unless_forced(capsys):
+    from megatron_ernie.launch import submit
+
+    assert submit.main(["pretrain", "--config", BIG, "--dry-run"]) == 2
+    assert "a layout that fits" in capsys.readouterr().err
+    assert submit.main(["pretrain", "--config", BIG, "--dry-run", "--force"]) == 0
+    out = capsys.readouterr()
+    assert "#SBATCH" in out.out and "DOES NOT FIT" in out.err

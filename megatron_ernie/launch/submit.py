@@ -43,6 +43,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--dependency", default="", help="Slurm dependency, e.g. afterok:1234")
     parser.add_argument("--command", default="", help="run this in every task instead of `ernie <kind> ...`")
     parser.add_argument("--parsable", action="store_true", help="print only the job id")
+    parser.add_argument("--gpu", default="h100", help="device for the predicted-memory check (see ernie plan)")
+    parser.add_argument("--force", action="store_true", help="submit even when the layout is predicted not to fit")
     parser.add_argument("--template-dir", default=str(TEMPLATE_DIR), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -72,6 +74,18 @@ def check_job_config(config_path: Path, overrides) -> None:
     from megatron_ernie import config as C
 
     C.validate(C.load(config_path, overrides))
+
+
+def check_memory(slurm: SlurmConfig, args) -> None:
+    """Training jobs on GPUs: the planner's predicted peak memory per rank of the configured layout
+    (megatron_ernie/plan), on stderr; refuse with a layout that fits unless --force."""
+    if args.kind == "rl" or args.command or slurm.gpus_per_node <= 0:
+        return
+    from megatron_ernie import config as C
+    from megatron_ernie.plan.check import peak_memory_line
+
+    cfg = C.load(Path(args.config), args.set)
+    print(peak_memory_line(cfg, slurm.nodes * slurm.gpus_per_node, args.gpu, args.force), file=sys.stderr)
 
 
 def check_rollout_replicas(slurm: SlurmConfig, rollout_tensor) -> None:
@@ -129,6 +143,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         slurm, job = load_submission(args)
+        check_memory(slurm, args)
         script = render_job(slurm, job, Path(args.template_dir))
         if args.dry_run:
             print(script, end="")
