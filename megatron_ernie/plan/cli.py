@@ -83,10 +83,10 @@ def plan_record(plan) -> dict:
                        "bubble": plan.time.bubble_s, "exposed_comm": plan.time.comm_s}}
 
 
-def format_row(i: int, plan) -> str:
+def format_row(label, plan) -> str:
     m, t = plan.memory, plan.time
     terms = " ".join(f"{m[k] / GIB:6.1f}" for k in MEMORY_TERMS)
-    return (f"{i:>3} {layout_name(plan.parallel):<34} {m['total'] / GIB:6.1f}  {terms}  "
+    return (f"{label:>3} {layout_name(plan.parallel):<34} {m['total'] / GIB:6.1f}  {terms}  "
             f"{t.total_s:7.2f} {t.compute_s:7.2f} {t.bubble_s:6.2f} {t.comm_s:6.2f}")
 
 
@@ -110,7 +110,7 @@ def print_table(plans, rejected, configured, args, device) -> None:
         print(format_comm(plan))
     unfit = [p for p in plans if not p.fits]
     for plan in unfit[:max(0, args.top - len(fits[:args.top]))]:
-        print(format_row(0, plan).replace("  0 ", "  - ", 1) + f"\n      does not fit: {plan.binding}")
+        print(format_row("-", plan) + f"\n      does not fit: {plan.binding}")
     mine = next((i for i, p in enumerate(plans, 1) if same_layout(p.parallel, configured)), None)
     if mine is None:
         print("the configured layout is not valid for this many devices")

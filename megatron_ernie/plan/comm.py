@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_ernie.plan.activations import expert_rows, shape_of
-from megatron_ernie.plan.inventory import chunk_layers, is_moe_layer
+from megatron_ernie.plan.inventory import chunk_layers, is_moe_layer, padded_vocab, rank_chunks
 from megatron_ernie.plan.memory import GRAD_BYTES, dp_sizes, param_bytes_per_element, rank_buffers
 
 
@@ -83,9 +83,9 @@ def _tp_layer(t: Traffic, dense_mlp: bool, shared: bool, elems: float, sp: bool)
 def _expert_layer(t: Traffic, moe, par, rows_elems: float) -> None:
     if par.expert > 1:
         t.add("ep", "all_to_all", 4 * rows_elems)
-    if par.expert_tensor_size > 1:
+    if par.expert_tensor_size > 1:  # gather before, reduce-scatter after the experts, and the conjugates
         t.add("etp", "all_gather", 2 * rows_elems * par.expert_tensor_size)
-        t.add("etp", "reduce_scatter", rows_elems * par.expert_tensor_size)
+        t.add("etp", "reduce_scatter", 2 * rows_elems * par.expert_tensor_size)
 
 
 def step_traffic(model, moe, par, train, vocab_size: int, world: int, pp_rank: int = 0,
@@ -140,8 +140,6 @@ def _sequence_parallel_grads(t: Traffic, model, moe, par, vocab_size: int, pp_ra
     (megatron-core finalize_model_grads)."""
     if not sp:
         return
-    from megatron_ernie.plan.inventory import rank_chunks
-
     n = sum(p.numel for params in rank_chunks(model, moe, par, vocab_size, pp_rank) for p in params
             if "layernorm" in p.local_name or "router" in p.local_name)
     t.add("tp", "all_reduce", n * GRAD_BYTES)
@@ -152,8 +150,6 @@ def _tied_embedding(t: Traffic, model, par, vocab_size: int, pp_rank: int) -> No
     word-embedding gradient (fp32 main grad) over the embedding group once per step."""
     if model.untie_embeddings_and_output_weights or par.pipeline == 1 or 0 < pp_rank < par.pipeline - 1:
         return
-    from megatron_ernie.plan.inventory import padded_vocab
-
     t.add("embd", "all_reduce", padded_vocab(vocab_size, par.tensor) // par.tensor * model.hidden_size * GRAD_BYTES)
 
 

@@ -143,9 +143,12 @@ def plan_layout(cfg, par, world: int, vocab_size: int, device, opts: Options) ->
     budget = device.mem_bytes - opts.headroom_gib * 2**30
     if mem["total"] > budget:
         term = max(BINDING_FIX, key=lambda k: mem[k])
+        fix = BINDING_FIX[term]
+        if term == "optimizer" and par.distributed_optimizer:
+            fix = "more data parallelism (more devices, or a smaller TP x PP x EP product)"
         plan.fits = False
         plan.binding = (f"{term} ({mem[term] / 2**30:.1f} GiB of {mem['total'] / 2**30:.1f} GiB on pipeline rank "
-                        f"{worst}, device {budget / 2**30:.0f} GiB): try {BINDING_FIX[term]}")
+                        f"{worst}, device {budget / 2**30:.0f} GiB): try {fix}")
     return plan
 
 

@@ -116,10 +116,3 @@ def static_memory(model, moe, par, vocab_size: int, world: int, where: RankPosit
         terms = _buffer_terms(buf, rank, par.distributed_optimizer, pbytes, bf16)
         totals = [a + b for a, b in zip(totals, terms)]
     return StaticMemory(*totals)
-
-
-def worst_static_memory(model, moe, par, vocab_size: int, world: int, fp8=None) -> StaticMemory:
-    """The largest total over pipeline ranks and (distributed optimizer) DP ranks."""
-    cands = [static_memory(model, moe, par, vocab_size, world, RankPosition(r, None, None), fp8)
-             for r in range(par.pipeline)]
-    return max(cands, key=lambda m: m.total)

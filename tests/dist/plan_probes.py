@@ -55,6 +55,7 @@ WRAPPED = {
     "_reduce_scatter_base": (1, "input", "reduce_scatter"),
     "all_to_all_single": (1, "input", "all_to_all"),
     "all_gather": (0, "tensor_list", "all_gather"),
+    "reduce_scatter": (1, "input_list", "reduce_scatter"),
     "broadcast": (0, "tensor", "broadcast"),
     "isend": (0, "tensor", "p2p"),
     "send": (0, "tensor", "p2p"),
