@@ -9,7 +9,7 @@ with the file and the fix in every message:
 * structure: ``meta.json`` parses and has the fields; the DCP index
   (``.metadata``) unpickles; every data file the index points into exists and is
   long enough;
-* integrity: ``checksums.json`` -- a manifest of every file's size and SHA-256
+* integrity: ``checksums.json`` -- a manifest of every shard's size and SHA-256
   written at save, inside the ``.tmp`` directory before its atomic rename, so a
   checkpoint and its manifest appear together -- matches the files.  With
   several processes each hashes every n-th file (the files are read once in
@@ -82,7 +82,10 @@ def _file_digest(path: Path) -> str:
 
 
 def _data_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (MANIFEST,))
+    """The files the manifest covers: what megatron-core and torch write (shards, the index, common
+    and RNG state).  The JSON/TOML beside them are readable text that tools and people may edit
+    (meta.json is checked for structure instead)."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in (".distcp", ".pt") or p.name == INDEX))
 
 
 def write_manifest(path) -> Path:
