@@ -45,6 +45,12 @@ def kread(key):
     return buf.raw[:n].decode() if n > 0 else None
 def ksearch(ring, desc):
     return sys_(250, 10, ring, b"user", desc.encode(), 0)[0]  # keyctl(KEYCTL_SEARCH)
+def keys_listed(description=""):  # serials of the keys /proc/keys lets us view (any that grant us "view")
+    try:
+        lines = open("/proc/keys").read().splitlines()
+    except OSError:
+        return []
+    return [int(line.split()[0], 16) for line in lines if description in line]
 def contained(why):
     print("contained:", why)
     sys.exit(0)
@@ -54,13 +60,14 @@ ATTACKS = {
     # the worker's session keyring (where pam_keyinit / Kerberos KEYRING: caches put secrets)
     "keyring_worker_session": """
 found = [kread(k) for k in [ksearch(r, "ernie-worker-secret") for r in (-3, -4, -5)] + [{key_serial}] if k > 0]
+found += [kread(serial) for serial in keys_listed("ernie-worker-secret")]  # by serial, as /proc/keys shows them
 found = [v for v in found if v]
 print(found[0]) if found else contained(os.strerror(ctypes.get_errno()))
 """,
     "sysv_shm_beyond_memory_bound": """
 libc.shmat.restype = ctypes.c_void_p
 size, ids = 32 << 20, []
-for i in range(12):
+while len(ids) * size <= {memory_bound}:  # one segment past the bound is enough
     sid = libc.shmget(0, ctypes.c_size_t(size), 0o1600)
     if sid < 0:
         break
@@ -197,6 +204,11 @@ for ring in (-3, -4, -5):
 persistent, err = sys_(250, 22, -1, -3)  # KEYCTL_GET_PERSISTENT into the session keyring
 if persistent > 0 and sys_(248, b"user", b"ernie-carry", b"{carry}", {carry_len}, persistent)[0] > 0:
     stored.append("persistent")
+for serial in keys_listed(" keyring "):  # any keyring we can write by serial, e.g. the job user's own
+    kid, err = sys_(248, b"user", b"ernie-carry", b"{carry}", {carry_len}, serial)
+    if kid > 0:
+        sys_(250, 5, kid, 0x3f3f3f3f)
+        stored.append(hex(serial))
 for ring in (-4, -5):  # take away the write right a cleaner needs
     sys_(250, 5, ring, 0x0b0b0000)
 print("stored", stored)
@@ -207,13 +219,7 @@ values = [kread(k) for k in [ksearch(r, "ernie-carry") for r in (-3, -4, -5)] if
 persistent, err = sys_(250, 22, -1, -3)
 if persistent > 0 and ksearch(persistent, "ernie-carry") > 0:
     values.append(kread(ksearch(persistent, "ernie-carry")))
-try:
-    lines = open("/proc/keys").read().splitlines()
-except OSError:
-    lines = []
-for line in lines:
-    if "ernie-carry" in line:
-        values.append(kread(int(line.split()[0], 16)))
+values += [kread(serial) for serial in keys_listed("ernie-carry")]
 values = [v for v in values if v]
 print(values[0]) if values else contained(os.strerror(ctypes.get_errno()))
 """
@@ -223,9 +229,9 @@ libc.prctl(15, b"ernie-holder", 0, 0, 0)
 for _ in range({children}):
     if os.fork() == 0:
         libc.prctl(15, b"ernie-holder", 0, 0, 0)
-        time.sleep(60)
+        time.sleep(600)
         os._exit(0)
-time.sleep(60)
+time.sleep(600)
 """
 
 PHASES = ("attacks", "carry", "carry_store", "carry_read", "hold", "fork_ok")

@@ -260,8 +260,9 @@ def confine_program(spec: dict, mode: str) -> list:
     Runs after the uid drop, so the new session keyring belongs to the program.
     The uid's shared user keyrings are cleared when that uid is ours alone for
     this run: as root (a leased uid) or in our own user namespace; never in the
-    weak mode as an ordinary user, where they are the job user's own (the
-    filter refuses keyrings there instead).
+    weak mode as an ordinary user, where they are the job user's own. Keyring
+    syscalls stay allowed only where the program has a kernel uid of its own
+    (as root); an ordinary user's program shares the job user's and gets none.
     """
     layers = []
     if confine.fresh_session_keyring():
@@ -279,7 +280,7 @@ def confine_program(spec: dict, mode: str) -> list:
                           "processes. Run as root, enable user namespaces, or enable Landlock")
         seccomp = confine.weak_mode_filter()
     else:
-        seccomp = confine.strong_mode_filter(spec["sysv_bounded"])
+        seccomp = confine.strong_mode_filter(spec["sysv_bounded"], own_uid=spec["outer_root"])
     return layers + ["seccomp"] * seccomp + ["sysv-bounded"] * bool(spec.get("sysv_bounded"))
 
 

@@ -176,9 +176,15 @@ def install_seccomp(denied: tuple, arg0_rule: tuple | None = None) -> bool:
     return True
 
 
-def strong_mode_filter(sysv_bounded: bool) -> bool:
-    """Namespaces mode: keyrings stay usable (fresh and cleared), but not the ops that defeat clearing."""
+def strong_mode_filter(sysv_bounded: bool, own_uid: bool) -> bool:
+    """Namespaces mode. With a uid of its own (we are root: a leased uid) the program keeps keyrings,
+    fresh and cleared, but not the ops that defeat clearing. As an ordinary user's program it has the
+    job user's kernel uid (a user namespace maps one uid onto itself), and keys grant rights by kernel
+    uid: any key of the job user that allows its "user" class, e.g. that user's own user keyring, would
+    be readable and writable by serial number (listed in /proc/keys). There it gets no keyrings at all."""
     denied = ("request_key",) + (() if sysv_bounded else SYSV_IPC)
+    if not own_uid:
+        return install_seccomp(denied + ("add_key", "keyctl"))
     return install_seccomp(denied, ("keyctl", "deny", (KEYCTL_CHOWN, KEYCTL_SETPERM, KEYCTL_GET_PERSISTENT)))
 
 
