@@ -85,7 +85,9 @@ class _Into:
 class DcpReader:
     """Random access to the tensors of a DCP checkpoint directory, by global key."""
 
-    def __init__(self, path):
+    def __init__(self, path, checksums: bool = True):
+        """``checksums``: also hash every shard against the manifest (a full read; ``ernie inspect``,
+        which reads only the index, skips it and checks sizes only)."""
         self.path = Path(path)
         index = self.path / INDEX
         if not index.is_file():
@@ -98,7 +100,8 @@ class DcpReader:
             raise ConvertError(f"{index} is unreadable ({err}); the checkpoint is damaged") from None
         self._storage.set_up_storage_reader(self.metadata, is_coordinator=True)
         check_data_files(self.path, self.metadata)
-        check_checksums(self.path)
+        if checksums:
+            check_checksums(self.path)
         self._tensors = None
 
     def tensors(self) -> dict[str, TensorInfo]:
