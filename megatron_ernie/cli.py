@@ -178,14 +178,15 @@ def _first_to_report() -> bool:
     """Under a launcher every rank fails the same way: only the first rank to fail prints.
 
     The ranks of a job step share a node-local marker file named after the launch (torchrun's
-    run id and master port, or Slurm's job and step); creating it exclusively elects the reporter.
+    run id and master port, or Slurm's job and step, and the launching agent's process id, which
+    local ranks share); creating it exclusively elects the reporter.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
     import tempfile
 
-    launch = "-".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_PORT", "SLURM_JOB_ID",
-                                                         "SLURM_STEP_ID"))
+    launch = "-".join([*(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_PORT", "SLURM_JOB_ID",
+                                                          "SLURM_STEP_ID")), str(os.getppid())])
     marker = Path(tempfile.gettempdir()) / f"ernie-error-{launch.replace(os.sep, '_')}"
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
