@@ -43,7 +43,8 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.e
 DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "posttrain_bench.toml"
 BASELINE = "baseline"
 MODES = ("greedy", "sampled")
-QUICK_STEPS = {"sft": 20, "expert": 2, "opd": 2, "general": 2}
+JUDGE_EXAMPLES = 400  # held-out verdict examples for the judge-rubric agreement
+QUICK_STEPS = {"sft": 20, "expert": 2, "opd": 2, "judge": 10, "general": 2}
 
 
 # ------------------------------------------------------------------ planning
@@ -65,6 +66,7 @@ def seed_pipeline(pipeline, home: Path, seed: int, out: Path, quick: bool):
         pipeline, dir=str(out / f"seed{seed}"), base=str((home / pipeline.base).resolve()) if pipeline.base else "",
         sft=stage(pipeline.sft, (f"sft.seed={seed}",), q.get("sft")), expert=stage(pipeline.expert),
         experts=experts, opd=stage(pipeline.opd, (), q.get("opd")),
+        judge=stage(pipeline.judge, (), q.get("judge")) if pipeline.judge.config else pipeline.judge,
         general=stage(pipeline.general, (), q.get("general")), score=ScoreConfig(prompts=0))
 
 
@@ -76,6 +78,19 @@ def baseline_pipeline(pipeline):
     tasks = tuple(t for e in pipeline.experts for t in e.tasks)
     steps = sum(e.steps or pipeline.expert.steps for e in pipeline.experts)
     return dataclasses.replace(pipeline, experts=(ExpertConfig(BASELINE, tasks, steps),))
+
+
+def weighted_by_expert_samples(baseline, pipeline):
+    """The baseline stage with each task's weight set to the steps its expert trains, so that in
+    expectation the mixed run draws as many samples of every domain as the experts together do (a
+    domain whose expert trains briefly, such as code, gets the same small share in the baseline)."""
+    import re
+
+    steps = {t: e.steps or pipeline.expert.steps for e in pipeline.experts for t in e.tasks}
+    text = baseline.config_text
+    for task, n in steps.items():
+        text = re.sub(rf'(name = "{task}"\nweight = )[0-9.e+-]+', rf"\g<1>{float(n)}", text)
+    return dataclasses.replace(baseline, config_text=text)
 
 
 def samples_of(stage) -> int:
@@ -121,6 +136,30 @@ def evaluate_one(checkpoint: str, plan: dict, prompts: int, samples: int, out: s
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def judge_agreement_of(checkpoint: str, examples: int, out: str) -> None:
+    """Judge-rubric agreement (rl/judge/agreement.py) on held-out verdict examples far past training's."""
+    from megatron_ernie.config.rl import TaskConfig
+    from megatron_ernie.rl.judge.agreement import judge_agreement
+    from megatron_ernie.rl.judge.data import FIRST_INDEX, judge_examples
+    from megatron_ernie.rl.judge.scorer import load_judge
+
+    scorer, tokenizer, _ = load_judge(checkpoint)
+    held_out = judge_examples((TaskConfig(name="open_ended"),), FIRST_INDEX + 1_000_000, examples)
+    Path(out).write_text(json.dumps(dataclasses.asdict(judge_agreement(scorer, tokenizer, held_out))) + "\n")
+
+
+def score_judge(stage, examples: int) -> dict:
+    """{accuracy, correlation, ...} of the judge stage's checkpoint, cached in <run dir>/bench_agreement.json."""
+    out = stage.run_dir / "bench_agreement.json"
+    if not out.is_file():
+        command = [sys.executable, __file__, "--judge-agreement", str(stage.output), "--prompts", str(examples),
+                   "--json", str(out)]
+        with open(stage.run_dir / "bench_agreement.log", "wb") as log:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV).returncode != 0:
+                raise RuntimeError(f"judge agreement failed; see {stage.run_dir / 'bench_agreement.log'}")
+    return json.loads(out.read_text())
+
+
 def score_stage(stage, plan: dict, prompts: int, samples: int) -> dict:
     """{task: {mode: [mean, stderr]}} of a finished stage, cached in <run dir>/bench_eval.json."""
     out = stage.run_dir / "bench_eval.json"
@@ -153,7 +192,7 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
     path.write_text(C.dumps(PipelineFile(pipeline)))
     started = time.time()
     stages = plan(pipeline, seed_dir)
-    baseline = plan(baseline_pipeline(pipeline), seed_dir)[1]
+    baseline = weighted_by_expert_samples(plan(baseline_pipeline(pipeline), seed_dir)[1], pipeline)
     if not args.score_only:
         code = subprocess.run([sys.executable, "-m", "megatron_ernie.cli", "pipeline", "--config", str(path)],
                               cwd=ROOT, env=ENV).returncode
@@ -164,13 +203,16 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
             run_group([baseline], manifest, 1)
         print(f"[bench] {seed_dir.name}: stages done in {time.time() - started:.0f} s; scoring", flush=True)
     finished = [s for s in [*stages, baseline] if (s.output / "meta.json").is_file()]  # a checkpoint saved at the end
-    tasks, scored = eval_plan(stages), {}
+    tasks, scored, judge = eval_plan(stages), {}, {}
     for stage in finished:
+        if stage.name == "judge":  # a verdict model, not a policy: scored by its agreement with the rubric
+            judge = score_judge(stage, JUDGE_EXAMPLES)
+            continue
         scored[BASELINE if stage is baseline else stage.name] = score_stage(stage, tasks, args.prompts, args.samples)
         (seed_dir / "scores.json").write_text(json.dumps(scored, indent=1) + "\n")  # partial results survive
     samples = {("baseline" if s is baseline else s.name): samples_of(s) for s in [*stages[1:], baseline]}
     print(f"[bench] {seed_dir.name}: done in {time.time() - started:.0f} s", flush=True)
-    return {"scores": scored, "samples": samples}
+    return {"scores": scored, "samples": samples, "judge": judge}
 
 
 # ------------------------------------------------------------------ analysis
@@ -221,6 +263,9 @@ def targets(table: dict, experts: dict[str, list[str]], verifiable: list[str]) -
         for task in verifiable:
             change = mean["general"][task] - mean["opd"][task]
             lines.append(_verdict(f"general RL change on {task}", change, change >= -3, ">= -3 points"))
+        for task in [t for t in mean["general"] if t not in verifiable]:  # the open-ended domains
+            change = mean["general"][task] - mean["opd"][task]
+            lines.append(_verdict(f"general RL change on {task} (rubric)", change, change > 0, "> 0 points"))
     if BASELINE in avg and "opd" in avg:
         lines.append(_verdict("OPD average minus baseline average", avg["opd"] - avg[BASELINE],
                               avg["opd"] > avg[BASELINE], "> 0 (not an issue target)"))
@@ -244,6 +289,17 @@ def report(per_seed: dict, experts: dict[str, list[str]], verifiable: list[str],
     return "\n".join(out)
 
 
+def judge_report(judges: dict) -> str:
+    """One line per seed: the learned judge's agreement with the rubric on held-out verdicts."""
+    lines = ["\njudge-rubric agreement (held-out verdicts; chance = 0.5):"]
+    for seed, j in judges.items():
+        lines.append(f"  seed {seed}: " + (f"accuracy {j['accuracy']:.3f}, Pearson r {j['correlation']:.3f}, "
+                                           f"mean p(y) {j['mean_score_yes']:.3f} (rubric y) vs "
+                                           f"{j['mean_score_no']:.3f} (rubric n), {j['examples']} examples"
+                                           if j else "no judge stage"))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,14 +307,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds (>= 2 for a spread)")
     p.add_argument("--out", default=str(ROOT / "runs" / "posttrain-bench"))
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps per stage, 8 prompts")
-    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 32, quick 8)")
+    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 100, quick 8)")
     p.add_argument("--samples", type=int, default=1, help="T=1 samples per prompt")
     p.add_argument("--score-only", action="store_true", help="train nothing: score and report the finished stages")
     p.add_argument("--evaluate-one", default="", help=argparse.SUPPRESS)
+    p.add_argument("--judge-agreement", default="", help=argparse.SUPPRESS)
     p.add_argument("--plan", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.prompts = args.prompts or (8 if args.quick else 32)
+    args.prompts = args.prompts or (8 if args.quick else 100)
     return args
 
 
@@ -268,20 +325,25 @@ def main(argv=None) -> int:
     if args.evaluate_one:
         evaluate_one(args.evaluate_one, json.loads(args.plan), args.prompts, args.samples, args.json)
         return 0
+    if args.judge_agreement:
+        judge_agreement_of(args.judge_agreement, args.prompts, args.json)
+        return 0
     from megatron_ernie.posttrain.stages import load_pipeline
 
     template, home = load_pipeline(args.config)
     out = Path(args.out).resolve() / ("quick" if args.quick else "full")
-    started, per_seed = time.time(), {}
+    started, per_seed, judges = time.time(), {}, {}
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
         result = run_seed(seed_pipeline(template, home, seed, out, args.quick), out / f"seed{seed}", args)
         per_seed[seed] = result["scores"]
+        judges[seed] = result["judge"]
         (out / "results.json").write_text(json.dumps(per_seed, indent=1) + "\n")
         print(f"[bench] samples per stage: {result['samples']}", flush=True)
     experts = {e.name: list(e.tasks) for e in template.experts}
     verifiable = [t for ts in experts.values() for t in ts]
     tasks = list(next(iter(next(iter(per_seed.values())).values()), {}))
     print(report(per_seed, experts, verifiable, tasks))
+    print(judge_report(judges))
     print(f"\n[bench] total {time.time() - started:.0f} s; scores in {out / 'results.json'}")
     return 0
 
