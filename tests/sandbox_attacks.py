@@ -383,7 +383,8 @@ def main() -> None:
         report = {"scored": score({"keyring_carry_read": (CARRY_READ, settings["carry"])}, config)}
     elif phase == "hold":
         holder = HOLDER.format(children=settings["max_processes"] - 1)
-        report = {"scored": score({"hold": (holder, "-")}, sandbox_config(mode, dict(settings, wall_s=settings["hold_s"])))}
+        long_wall = sandbox_config(mode, dict(settings, wall_s=settings["hold_s"]))
+        report = {"scored": score({"hold": (holder, "-")}, long_wall)}
     else:
         report = {"scored": score({"fork_children": CONTROLS["fork_children"]}, config)}
     print(json.dumps(report))

@@ -275,3 +275,31 @@ def test_weak_mode_as_ordinary_user_refuses_without_landlock(readable_source):
     status, stdout, detail = json.loads(out.stdout)
     assert (status, stdout) == ("sandbox_error", ""), detail
     assert "needs Landlock" in detail and "auth key" in detail
+
+
+LOCK_MY_USER_KEYRING = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl = lambda *a: libc.syscall(ctypes.c_long(250), *(ctypes.c_long(x) for x in a))
+keyctl(1, 0)                      # a session keyring of our own
+keyctl(5, -4, 0x0b0b0000)         # user keyring: view/read/search only, so no one can clear it any more
+print(keyctl(7, -4), ctypes.get_errno())
+"""
+
+
+def test_uid_whose_keyring_an_earlier_program_locked_is_skipped(caplog):
+    """Where a program (before the seccomp filter, or on a kernel without it) took its uid's write
+    permission away, that keyring cannot be emptied until reboot: the run moves to the next uid."""
+    from megatron_ernie.rl.reward.sandbox import run_python
+
+    if not os.access("/usr/bin/python3", os.X_OK) or not shutil.which("setpriv"):
+        pytest.skip("needs setpriv and /usr/bin/python3 to act as the earlier program")
+    locked_uid = 62_150
+    lock = subprocess.run(["setpriv", f"--reuid={locked_uid}", f"--regid={locked_uid}", "--clear-groups",
+                           "/usr/bin/python3", "-c", LOCK_MY_USER_KEYRING], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert lock.stdout.split() == ["-1", "13"], lock  # clearing is refused (EACCES): the keyring is locked
+    config = SandboxConfig(wall_s=4, cpu_s=1, memory_mb=128, uid=locked_uid, gid=locked_uid, uid_count=2)
+    result = run_python("import os\nprint(os.getuid(), os.getgid())", config=config)
+    assert (result.status, result.stdout) == ("ok", f"{locked_uid + 1} {locked_uid + 1}\n"), result
+    assert f"skipping uid {locked_uid} until reboot" in caplog.text

@@ -230,7 +230,8 @@ FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1}  # ABI
 def landlock_abi() -> int:
     if platform.machine() not in SYSCALLS:
         return 0
-    abi = _syscall("landlock_create_ruleset", None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    abi = _syscall("landlock_create_ruleset", None, ctypes.c_size_t(0),
+                   ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
     return max(abi, 0)
 
 
