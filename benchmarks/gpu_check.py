@@ -328,26 +328,30 @@ def section_rl(args, log, deadline) -> dict:
     return {"status": "ok", "rows": [{k: r.get(k) for k in keep} for r in rows]}
 
 
-def run_sections(args, log) -> dict:
+def run_sections(args, log, save) -> dict:
+    """Every section in order; `save(report)` after each, so a run cut short still leaves a report."""
     deadline = Deadline(args.budget_s)
-    report = {"mode": "cpu-dry-run" if args.cpu_dry_run else "gpu", "sections": {}}
+    report = {"mode": "cpu-dry-run" if args.cpu_dry_run else "gpu", "sections": {},
+              "pretrain": {"runs": {}, "fp8_vs_bf16": {}}, "rl": {"status": "not run"}}
     skip = set(filter(None, args.skip.split(",")))
     report["environment"] = guarded(report, "environment", environment)
     report["gemm"] = guarded(report, "gemm", lambda: gemm_rates(args.gemm_n))
+    save(report)
     report["gpu_tests"] = {"status": "skipped"} if "tests" in skip else guarded(
         report, "gpu_tests", lambda: section_tests(args, log, deadline))
-    report["pretrain"] = pretrain_runs(args, log, deadline, report, skip)
+    pretrain_runs(args, log, deadline, report, skip, save)
     report["rl"] = {"status": "skipped"} if "rl" in skip else guarded(
         report, "rl", lambda: section_rl(args, log, deadline))
     return report
 
 
-def pretrain_runs(args, log, deadline, report, skip) -> dict:
+def pretrain_runs(args, log, deadline, report, skip, save) -> None:
+    """The dense bf16 baseline, the FP8 recipes and the MoE, into report["pretrain"]."""
     common, moe = (DRY_COMMON, DRY_MOE) if args.cpu_dry_run else (GPU_COMMON, GPU_MOE)
     dense_sizes, moe_sizes = {**common, "moe.num_experts": 0}, {**common, **moe}
     run_root = Path("/tmp") / f"gpu_check_runs_{os.getpid()}"
     gemm = report.get("gemm") or {}
-    runs, fp8 = {}, {}
+    runs, fp8 = report["pretrain"]["runs"], report["pretrain"]["fp8_vs_bf16"]
     plan = [("dense_bf16", dense_sizes, None)]
     if "fp8" not in skip:
         plan += [(f"dense_fp8_{r}", dense_sizes, r) for r in filter(None, args.recipes.split(","))]
@@ -363,8 +367,8 @@ def pretrain_runs(args, log, deadline, report, skip) -> dict:
         runs[name] = result
         if recipe:
             fp8[recipe] = fp8_versus_bf16(runs["dense_bf16"], result)
+        save(report)
     shutil.rmtree(run_root, ignore_errors=True)  # run dirs hold only the tokenizer and logs
-    return {"runs": runs, "fp8_vs_bf16": fp8}
 
 
 def guarded(report: dict, name: str, fn) -> dict:
@@ -393,7 +397,10 @@ def checks(report: dict) -> dict:
 
 
 def _f(value, spec: str = ".3g") -> str:
-    return "—" if value is None else format(value, spec)
+    """A number in the table; None as a dash, anything else (e.g. "nan" from JSON) as it is."""
+    if value is None:
+        return "—"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
 def markdown(report: dict) -> str:
@@ -443,19 +450,22 @@ def _finite_or_none(value):
     return value
 
 
+def write_report(report: dict, out: Path, start: float) -> str:
+    """gpu_check.json and gpu_check.md from the report as it stands; returns the markdown."""
+    final = _finite_or_none({**report, "checks": checks(report), "elapsed_s": time.perf_counter() - start})
+    (out / "gpu_check.json").write_text(json.dumps(final, indent=1))
+    text = markdown(final)
+    (out / "gpu_check.md").write_text(text)
+    return text
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(args.out / "gpu_check.log", "w") as log:
-        report = run_sections(args, log)
-    report["checks"] = checks(report)
-    report["elapsed_s"] = time.perf_counter() - start
-    report = _finite_or_none(report)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    text = markdown(report)
-    (args.out / "gpu_check.md").write_text(text)
-    print(text)
+        report = run_sections(args, log, lambda partial: write_report(partial, args.out, start))
+    print(write_report(report, args.out, start))
     return report
 
 

@@ -190,6 +190,19 @@ def test_arguments_default_per_mode_and_reject_a_warmup_past_the_steps():
         gc.parse_args(["--steps", "3", "--warmup", "3"])
 
 
+def test_a_report_cut_short_is_still_written(tmp_path):
+    """What run_sections saves after its first sections, if the device's time runs out then."""
+    gc = _module()
+    partial = {"mode": "gpu", "sections": {"environment": 3.0}, "pretrain": {"runs": {}, "fp8_vs_bf16": {}},
+               "rl": {"status": "not run"}, "environment": {"megatron_core": "0.19.2", "cpu_compat_ok": True},
+               "gemm": {"n": 8192, "bf16_tflops": 790.0, "fp8_tflops": float("nan")}}
+    text = gc.write_report(partial, tmp_path, 0.0)
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["checks"]["megatron_core_version"] == "0.19.2" and saved["gemm"]["fp8_tflops"] == "nan"
+    assert "megatron-core 0.19.2" in text and "bf16 790 TFLOP/s" in text
+    assert (tmp_path / "gpu_check.md").read_text() == text
+
+
 def test_a_failing_section_is_recorded_and_the_rest_go_on():
     gc = _module()
     report = {"sections": {}}
