@@ -261,3 +261,30 @@ def test_submit_dry_run_refuses_unless_forced(capsys):
     assert submit.main(["pretrain", "--config", BIG, "--dry-run", "--force"]) == 0
     out = capsys.readouterr()
     assert "#SBATCH" in out.out and "DOES NOT FIT" in out.err
+
+
+# ------------------------------------------------------------------------ RL sizing (estimate)
+
+
+def test_rollout_replica_memory_splits_over_rollout_tensor():
+    import dataclasses
+
+    from megatron_ernie.plan.rl import rollout_memory
+
+    cfg = C.load(BIG)
+    sizes = {}
+    for t in (1, 8):
+        system = dataclasses.replace(cfg.rl.system, rollout_tensor=t, rollout_batch_prompts=4)
+        sizes[t] = rollout_memory(cfg.model, cfg.moe, system, cfg.rl.sampling, cfg.data.vocab_size)
+    assert sizes[1].kv_cache == 8 * sizes[8].kv_cache  # 8 query groups: K/V heads split evenly
+    # replicated norms and routers keep the split just above 1/8
+    assert sizes[8].weights * 8 == pytest.approx(sizes[1].weights, rel=1e-3) and sizes[8].weights * 8 > sizes[1].weights
+    h, L, g = cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_query_groups
+    head_dim = h // cfg.model.num_attention_heads
+    assert sizes[1].kv_cache == 2 * L * g * head_dim * cfg.model.seq_length * 4 * cfg.rl.sampling.n_per_prompt * 2
+
+
+def test_plan_on_an_rl_config_prints_the_rollout_replica(capsys):
+    cli.main(["--config", str(ROOT / "configs" / "rl_tiny_cpu.toml"), "--gpus", "2"])
+    out = capsys.readouterr().out
+    assert "RL rollout replica" in out and "RL trainer group" in out

@@ -137,7 +137,39 @@ def main(argv=None) -> int:
                           "layouts": [plan_record(p) for p in plans]}, indent=1))
     else:
         print_table(plans, rejected, cfg.parallel, args, device)
+        if _is_rl_config(args.config):
+            print_rl_sizing(cfg, device, opts)
     return 0 if any(p.fits for p in plans) else 1
+
+
+def _is_rl_config(path: str) -> bool:
+    from megatron_ernie.config.loader import read_toml
+
+    return "rl" in read_toml(path)
+
+
+def print_rl_sizing(cfg, device, opts) -> None:
+    """The rollout replica per process and the trainer het group's configured layout."""
+    from megatron_ernie.plan.layouts import plan_layout
+    from megatron_ernie.plan.rl import rollout_memory, trainer_world
+
+    system = cfg.rl.system
+    r = rollout_memory(cfg.model, cfg.moe, system, cfg.rl.sampling, cfg.data.vocab_size)
+    fits = "fits" if r.total <= device.mem_bytes - opts.headroom_gib * GIB else "DOES NOT FIT"
+    print(f"RL rollout replica (rollout_tensor {system.rollout_tensor}, {system.rollout_dtype}, "
+          f"{system.rollout_batch_prompts}x{cfg.rl.sampling.n_per_prompt} sequences of <= {cfg.model.seq_length} "
+          f"tokens), per process: weights {r.weights / GIB:.2f} + KV cache {r.kv_cache / GIB:.2f} + logits "
+          f"{r.logits / GIB:.2f} = {r.total / GIB:.2f} GiB ({fits}; estimate)")
+    world = trainer_world(cfg.slurm)
+    try:
+        validate_for_planning(cfg, world)
+    except C.ConfigError as err:
+        print(f"RL trainer group (slurm.trainer, {world} devices): configured layout invalid there: {err}")
+        return
+    plan = plan_layout(cfg, cfg.parallel, world, cfg.data.vocab_size, device, opts)
+    state = "fits" if plan.fits else f"does NOT fit: {plan.binding}"
+    print(f"RL trainer group (slurm.trainer, {world} devices): {layout_name(plan.parallel)} peak "
+          f"{plan.peak / GIB:.2f} GiB per rank, {state}")
 
 
 if __name__ == "__main__":
