@@ -126,8 +126,9 @@ def chunk_params(model, moe, par, vocab_size: int, pp_rank: int, chunk: int) -> 
     tied = not model.untie_embeddings_and_output_weights
     rows = padded_vocab(vocab_size, par.tensor) // par.tensor * model.hidden_size
     out = [Param("embedding.word_embeddings.weight", rows, shared_embedding=tied and pp > 1)] if first else []
+    layer_shape = dataclasses.replace(par, pipeline=1, virtual_pipeline=1)  # a layer's shapes ignore PP
     for layer in chunk_layers(model.num_layers, pp, vpp, pp_rank, chunk):
-        out += layer_params(layer, model, moe, par)
+        out += layer_params(layer, model, moe, layer_shape)
     if last:
         out += [Param(name, n) for name, n, _ in _norm("decoder.final_layernorm", model)]
         if not tied or pp > 1:
