@@ -217,18 +217,15 @@ def test_the_pipeline_passes_the_definitions_for_every_cell(tmp_path):
 # ---------------------------------------------------------------- real checkpoint (slow)
 @pytest.fixture(scope="module")
 def arithmetic_expert(tmp_path_factory):
-    """A tiny real checkpoint with the pipeline's shared tokenizer (arithmetic and open_ended characters)
-    whose config lists only arithmetic with a 4-token budget: what an arithmetic expert's checkpoint holds."""
+    """A tiny real checkpoint whose config lists only arithmetic with a 4-token budget and whose tokenizer
+    covers arithmetic and open_ended (a pipeline's shared tokenizer): what an arithmetic expert holds."""
     out = tmp_path_factory.mktemp("expert")
-    overrides = ["model.init_method_std=0.1", "model.seq_length=40", "rl.sampling.max_new_tokens=16",
-                 "rl.tasks=[{name='open_ended'}, {name='arithmetic', options={digits=1, ops='-'}}]"]
-    torchrun(1, [ROOT / "tests" / "dist" / "judge_worker.py", "checkpoint", out / "result.json",
-                 json.dumps({"run_dir": str(out / "base"), "overrides": overrides})], timeout=600)
-    checkpoint = Path(json.loads((out / "result.json").read_text())["checkpoint"])
-    cfg = C.load(checkpoint / "config.toml", ["rl.tasks=[{name='arithmetic', options={digits=1, ops='-'}}]",
-                                              "rl.sampling.max_new_tokens=4"])
-    (checkpoint / "config.toml").write_text(C.dumps(cfg))
-    return checkpoint
+    case = {"run_dir": str(out / "base"), "tokenizer_tasks": ["arithmetic", "open_ended"],
+            "overrides": ["model.init_method_std=0.1", "model.seq_length=40", "rl.sampling.max_new_tokens=4",
+                          "rl.tasks=[{name='arithmetic', options={digits=1, ops='-'}}]"]}
+    torchrun(1, [ROOT / "tests" / "dist" / "eval_expert_worker.py", "checkpoint", out / "result.json",
+                 json.dumps(case)], timeout=600)
+    return Path(json.loads((out / "result.json").read_text())["checkpoint"])
 
 
 @pytest.mark.slow
