@@ -225,10 +225,10 @@ print(values[0]) if values else contained(os.strerror(ctypes.get_errno()))
 """
 
 HOLDER = """
-libc.prctl(15, b"ernie-holder", 0, 0, 0)
+libc.prctl(15, b"{name}", 0, 0, 0)
 for _ in range({children}):
     if os.fork() == 0:
-        libc.prctl(15, b"ernie-holder", 0, 0, 0)
+        libc.prctl(15, b"{name}", 0, 0, 0)
         time.sleep(600)
         os._exit(0)
 time.sleep(600)
@@ -281,12 +281,16 @@ def score(programs: dict, config) -> dict:
 
 
 def processes_named(name: str) -> list:
+    """Live (not zombie) processes whose command name is `name`."""
     pids = []
     for entry in os.listdir("/proc"):
         try:
-            if entry.isdigit() and open(f"/proc/{entry}/comm").read().strip() == name:
+            with open(f"/proc/{entry}/stat") as f:
+                comm_and_rest = f.read().split(" (", 1)[1]
+            comm, rest = comm_and_rest.rsplit(") ", 1)
+            if entry.isdigit() and comm == name and rest[0] != "Z":
                 pids.append(int(entry))
-        except OSError:
+        except (OSError, IndexError, ValueError):
             pass
     return pids
 
@@ -382,7 +386,7 @@ def main() -> None:
     elif phase == "carry_read":
         report = {"scored": score({"keyring_carry_read": (CARRY_READ, settings["carry"])}, config)}
     elif phase == "hold":
-        holder = HOLDER.format(children=settings["max_processes"] - 1)
+        holder = HOLDER.format(children=settings["max_processes"] - 1, name=settings["holder_name"])
         long_wall = sandbox_config(mode, dict(settings, wall_s=settings["hold_s"]))
         report = {"scored": score({"hold": (holder, "-")}, long_wall)}
     else:

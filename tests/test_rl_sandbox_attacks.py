@@ -135,31 +135,32 @@ def test_keys_stored_by_one_worker_are_not_read_by_a_later_one(user, mode, reada
     assert scored["keyring_carry_read"][:2] == [0.0, "wrong"], scored
 
 
-def _holders() -> list[int]:
-    return sandbox_attacks.processes_named("ernie-holder")
+def _holders(settings: dict) -> list[int]:
+    return sandbox_attacks.processes_named(settings["holder_name"])
 
 
 @pytest.mark.parametrize("user,mode", CELLS)
 def test_process_quota_held_in_one_worker_does_not_fail_another(user, mode, readable_source):
     """Worker A's program holds max_processes processes; a correct forking program in worker B still passes."""
     _skip_unless_cell_possible(user, mode)
-    settings = cell_settings(user, mode, "quota")
+    settings = dict(cell_settings(user, mode, "quota"), holder_name=f"ernie-hold-{CELLS.index((user, mode))}")
     holder = subprocess.Popen(driver_command(user, mode, "hold", settings, readable_source),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while len(_holders()) < settings["max_processes"] and time.monotonic() < deadline:
+        while len(_holders(settings)) < settings["max_processes"] and time.monotonic() < deadline:
             assert holder.poll() is None, holder.stderr.read().decode()[-2000:]
             time.sleep(0.05)
-        assert len(_holders()) >= settings["max_processes"], "the holder never took its quota"
+        assert len(_holders(settings)) >= settings["max_processes"], "the holder never took its quota"
         scored = run_driver(user, mode, "fork_ok", settings, readable_source)["scored"]
-        assert len(_holders()) >= settings["max_processes"], "the quota was released before worker B ran"
+        assert len(_holders(settings)) >= settings["max_processes"], ("the quota was released before worker B ran",
+                                                              holder.poll() is not None and holder.communicate())
         assert scored["fork_children"][:2] == [1.0, "ok"], scored
     finally:
         if holder.poll() is None:
             os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
-        for pid in _holders():
+        for pid in _holders(settings):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
