@@ -34,7 +34,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_CHOWN, KEYCTL_SETPERM, KEYCTL_CLEAR = 1, 4, 5, 7
 KEYCTL_GET_PERSISTENT = 22
 KEY_SPEC_SESSION_KEYRING, KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -3, -4, -5
-NO_KEYRINGS = (errno.ENOSYS, errno.EOPNOTSUPP)  # kernel without keys / without persistent keyrings
+# A kernel without keys or persistent keyrings, or a container whose seccomp profile (Docker's default)
+# refuses the key syscalls: then the program, under the same inherited filter, cannot reach them either.
+NO_KEYRINGS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM)
 
 # Per-architecture syscall numbers (asm/unistd.h) and audit arch (linux/audit.h).
 SYSCALLS = {
