@@ -49,3 +49,19 @@ def test_extensions_compose_and_refuse_clashes():
     assert ab.rewrite_layer(3, []) == [("a", 3), ("b", 3)] and ab.tconfig == {"x": 1, "y": 2}
     with pytest.raises(ValueError, match="same tconfig fields"):
         a.merge(Extensions(tconfig={"x": 5}))
+
+
+def test_model_config_builds_without_megatron_deprecation_notices():
+    """Every stage builds a TransformerConfig; megatron-core 0.16 warned on each ("full scope is
+    deprecated") because its default spelling is deprecated: the build passes the current one."""
+    import warnings
+
+    from megatron_ernie import config as C
+    from megatron_ernie.model.build import transformer_config
+
+    cfg = C.load("configs/tiny_cpu.toml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built = transformer_config(cfg.model, cfg.moe, cfg.parallel)
+    assert built.cuda_graph_scope == [] and built.num_layers == cfg.model.num_layers
+    assert [str(w.message) for w in caught if "deprecated" in str(w.message)] == []

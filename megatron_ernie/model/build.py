@@ -90,6 +90,9 @@ def transformer_config(model, moe, par, **extra) -> TransformerConfig:
         # batched p2p path posts them in an order that swaps activations and grads
         # when PP=2 with interleaving (both neighbours are the same rank).
         batch_p2p_comm=torch.cuda.is_available(),
+        # megatron-core 0.16's default ("full") is a deprecated spelling of [] that warns on every
+        # config built; [] is the same setting (no CUDA graphs are captured unless cuda_graph_impl is set)
+        cuda_graph_scope=[],
         **_moe_fields(model, moe), **_cpu_safe_fields(torch.cuda.is_available()),
     )
     fields.update(extra)
