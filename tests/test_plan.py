@@ -191,7 +191,7 @@ def test_cli_table_lists_the_configured_layout(capsys):
     code = cli.main(["--config", str(ROOT / "configs" / "gpu_ernie45_300b_a47b.toml"), "--gpus", "768", "--top", "3"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "configured layout TP4+SPxPP6xEP8xETP1 distopt" in out
+    assert "configured layout TP8+SPxPP6xEP8xETP1 distopt" in out  # the shipped layout, ranked
     assert out.count("comm/step") == 3
 
 
@@ -224,6 +224,7 @@ def test_cli_exit_code_1_when_nothing_fits(capsys):
 # ------------------------------------------------------------------------ show-config / submit
 
 BIG = str(ROOT / "configs" / "gpu_ernie45_300b_a47b.toml")
+TP4 = ["--set", "parallel.tensor=4"]  # the 300B layout at TP4: predicted over an H100's memory
 
 
 def test_show_config_refuses_a_layout_predicted_not_to_fit_and_the_suggestion_fits(capsys):
@@ -232,7 +233,7 @@ def test_show_config_refuses_a_layout_predicted_not_to_fit_and_the_suggestion_fi
     from megatron_ernie import cli as ernie
     from megatron_ernie.plan.check import peak_memory_line
 
-    assert ernie.main(["show-config", "--config", BIG, "--world-size", "768"]) == 2
+    assert ernie.main(["show-config", "--config", BIG, *TP4, "--world-size", "768"]) == 2
     err = capsys.readouterr().err
     assert "parallel" in err and "--force" in err
     overrides = re.findall(r"--set (parallel\.\w+=\w+)", err)
@@ -244,21 +245,23 @@ def test_show_config_refuses_a_layout_predicted_not_to_fit_and_the_suggestion_fi
 def test_show_config_force_and_a_fitting_config_print_the_peak(capsys):
     from megatron_ernie import cli as ernie
 
-    assert ernie.main(["show-config", "--config", BIG, "--world-size", "768", "--force"]) == 0
+    assert ernie.main(["show-config", "--config", BIG, *TP4, "--world-size", "768", "--force"]) == 0
     assert "DOES NOT FIT" in capsys.readouterr().err
     small = str(ROOT / "configs" / "gpu_moe16b_a3b_4x8.toml")
     assert ernie.main(["show-config", "--config", small, "--world-size", "32"]) == 0
     err = capsys.readouterr().err
     assert "predicted peak memory per rank" in err and "DOES NOT FIT" not in err
     assert ernie.main(["show-config", "--config", BIG, "--world-size", "768", "--gpu", "h200"]) == 0
+    assert ernie.main(["show-config", "--config", BIG, "--world-size", "768"]) == 0  # the shipped layout fits an H100
+    assert "DOES NOT FIT" not in capsys.readouterr().err
 
 
 def test_submit_dry_run_refuses_unless_forced(capsys):
     from megatron_ernie.launch import submit
 
-    assert submit.main(["pretrain", "--config", BIG, "--dry-run"]) == 2
+    assert submit.main(["pretrain", "--config", BIG, *TP4, "--dry-run"]) == 2
     assert "a layout that fits" in capsys.readouterr().err
-    assert submit.main(["pretrain", "--config", BIG, "--dry-run", "--force"]) == 0
+    assert submit.main(["pretrain", "--config", BIG, *TP4, "--dry-run", "--force"]) == 0
     out = capsys.readouterr()
     assert "#SBATCH" in out.out and "DOES NOT FIT" in out.err
 
