@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 # module that defines them: an error can only come from a module that was imported.
 USER_ERRORS = {"megatron_ernie.config.errors": "ConfigError", "megatron_ernie.data.corpus": "CorpusError",
                "megatron_ernie.checkpoint.errors": "CheckpointError", "megatron_ernie.convert.errors": "ConvertError",
-               "megatron_ernie.launch.submit": "SubmitError"}
+               "megatron_ernie.launch.submit": "SubmitError", "megatron_ernie.train.step": "TrainingDiverged",
+               "megatron_ernie.posttrain.pipeline": "StageFailed"}
 
 
 def _is_user_error(err: BaseException) -> bool:
