@@ -56,13 +56,13 @@ def test_sampling_is_deterministic_and_sandwiched():
     a = sample_step(CFG.elastic, axes, iteration=5, seed=1)
     assert a == sample_step(CFG.elastic, axes, iteration=5, seed=1)
     assert [r for r, _ in a] == ["largest", "smallest", "random"]
-    assert a[0][1] == Subnet(4, 1.0, 4, 2) and a[1][1] == Subnet(2, 0.5, 2, 1)
+    assert a[0][1] == Subnet(4, 1.0, 4, 2) and a[1][1] == Subnet(1, 0.5, 2, 1)
     draws = {sample_step(CFG.elastic, axes, i, 1)[2][1] for i in range(40)}
     assert len(draws) > 5 and all(s.topk <= s.experts for s in draws)
 
 
 def test_progressive_shrinking_opens_axes_in_order():
-    el = C.load(ROOT / "configs/tiny_cpu.toml", ["elastic.progressive=[\"depth\", \"ffn\"]",
+    el = C.load(ROOT / "configs/tiny_cpu.toml", ["elastic.depth=[2, 3, 4]", "elastic.progressive=[\"depth\", \"ffn\"]",
                                                   "elastic.progressive_interval=10"]).elastic
     axes = choices(el, CFG.model, CFG.moe)
     early = sample_step(el, axes, 3, 0)[1][1]
