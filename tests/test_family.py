@@ -48,3 +48,31 @@ def test_summary_line_says_whether_the_table_is_a_family():
     # a steep but noisy table: the gap alone is not enough
     shuffled = [_row(f"s{i}", 100 + i, 100 + i, loss) for i, loss in enumerate([4.2, 4.0, 4.3, 4.1, 4.25, 3.9, 4.3, 4.1])]
     assert "not yet a family" in family_line(shuffled)
+
+
+# The quickstart recipe (configs/tiny_cpu.toml) shortened for CI: same model, vocabulary, batch, LR and
+# warmup, half the steps (the cosine decays over them).  Measured at 150 steps: rho -1.00 on seeds 1234 and 7,
+# largest ahead of smallest by 0.034 and 0.023 nats; the quickstart's 0.05-nat gap needs its full 300 steps
+# (0.111 on seed 1234), so here the ordering is asserted in full and the gap at a level 150 steps reach.
+CI_ITERS = 150
+CI_MIN_GAP = 0.015
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1234, 7])
+def test_quickstart_recipe_trains_a_real_family(tmp_path, data_cache, seed):
+    run_dir = tmp_path / "run"
+    torchrun(2, ["-m", "megatron_ernie.cli", "pretrain", "--config", ROOT / "configs/tiny_cpu.toml",
+                 "--set", f'run.dir="{run_dir}"', "--set", f"run.seed={seed}", "--set", f"train.iters={CI_ITERS}",
+                 "--set", "train.eval_interval=0", "--set", "checkpoint.save_interval=0"], timeout=900)
+    rows = list(csv.DictReader(open(run_dir / "elastic" / "family.csv")))
+    assert len(rows) == 8 and rows[0]["subnet"].startswith("depth=1,") and rows[-1]["subnet"].startswith("depth=4,")
+    v = family_verdict(rows)
+    table = [(r["subnet"], r["active_params"], r["valid_loss"]) for r in rows]
+    assert v["rho"] <= -0.8, (v, table)
+    assert v["gap"] >= CI_MIN_GAP, (v, table)
+    # the summary prints the same verdict under the table
+    from megatron_ernie.observe.summary import summarize
+
+    assert family_line(rows) in summarize(run_dir)
+    assert f"{v['rho']:+.2f}" in family_line(rows)
