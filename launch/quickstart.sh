@@ -5,7 +5,9 @@
 #
 # A tiny ERNIE-style MoE (configs/tiny_cpu.toml) on the King James Bible,
 # 2 processes with expert parallelism, a few minutes on 2 cores.  It writes
-# checkpoints and TensorBoard logs under runs/tiny-moe and tells you where.
+# checkpoints and TensorBoard logs under runs/tiny-moe and tells you where; the
+# summary ends with the sub-network family table and a line saying whether the
+# loss falls with size (rank correlation, largest-minus-smallest gap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -e '.[cpu]'
