@@ -8,11 +8,11 @@ forgets a dependency once it is satisfied); then every job is released.
 * the good chain: SFT -> experts arith and tools (each afterok SFT) -> OPD
   (afterok both experts) -> general (afterok OPD); every job COMPLETED and
   every stage's output checkpoint written;
-* the broken chain: expert tools names a task module that cannot be imported
-  inside the job (the pipeline plans on the login node, where user modules
-  need not be importable), so its job fails at start; OPD must then be
-  cancelled by Slurm (--kill-on-invalid-dep) and never start with a missing
-  teacher, and general after it.
+* the broken chain: expert tools trains a task whose verifier always raises
+  (tests/failing_tasks.py): it passes every check made before submission, and
+  the job fails while it runs (rl.stop_on_failures: every sample scored
+  "error"); OPD must then be cancelled by Slurm (--kill-on-invalid-dep) and
+  never start with a missing teacher, and general after it.
 
 Sizes fit the cluster's four 4-CPU nodes with 2 count-only GPUs each: SFT is
 one node x 2 tasks (expert parallel 2), every RL stage a het job of trainer,
@@ -21,6 +21,7 @@ for its teacher group (a task per expert, sized by the pipeline).
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -61,11 +62,13 @@ def pipeline_overrides(out: Path, tools_set=()) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def submit(cluster, out: Path, tools_set=()) -> dict:
-    """Submit the chain; returns the manifest's stage records (job ids, dependencies, outputs)."""
+def submit(cluster, out: Path, tools_set=(), python_path: str = "") -> dict:
+    """Submit the chain (python_path: prepended to PYTHONPATH, which sbatch passes on to the jobs);
+    returns the manifest's stage records (job ids, dependencies, outputs)."""
     command = [sys.executable, "-m", "megatron_ernie.cli", "pipeline", "--config", str(CONFIG), "--submit",
                *pipeline_overrides(out, tools_set)]
-    done = cluster.run(command, check=False, timeout=600)
+    env = {**cluster.env, "PYTHONPATH": os.pathsep.join(filter(None, [python_path, cluster.env.get("PYTHONPATH")]))}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "manifest.json").read_text())["stages"]
 
@@ -105,7 +108,8 @@ def chains(slurm_cluster, tmp_path_factory):
     good_dir = tmp_path_factory.mktemp("chain-good") / "out"
     bad_dir = tmp_path_factory.mktemp("chain-bad") / "out"
     good = submit(slurm_cluster, good_dir)
-    bad = submit(slurm_cluster, bad_dir, ['rl.tasks=[{name="calc", module="no_such_user_tasks"}]'])
+    bad = submit(slurm_cluster, bad_dir, ['rl.tasks=[{name="calc", module="failing_tasks"}]', "rl.stop_on_failures=1"],
+                 python_path=str(Path(__file__).resolve().parents[1]))  # tests/: failing_tasks.py
     graph = {chain: {name: dependencies(slurm_cluster, record["job_id"]) if record["after_jobs"] else set()
                      for name, record in manifest.items()} for chain, manifest in (("good", good), ("bad", bad))}
     held = {name: slurm_cluster.job(r["job_id"])["Reason"] for name, r in good.items()}
@@ -156,7 +160,8 @@ def test_a_failed_expert_cancels_opd_instead_of_starting_it(chains):
     states, bad = chains["states"]["bad"], chains["bad"]
     assert states["sft"]["state"] == "COMPLETED" and states["experts/arith"]["state"] == "COMPLETED"
     assert states["experts/tools"]["state"] == "FAILED", states["experts/tools"]
-    assert "rl.tasks[0].module" in _log(states["experts/tools"]["log"])  # failed on the config, at start
+    log = _log(states["experts/tools"]["log"])
+    assert "all failed in the reward scorer" in log and "broken on purpose" in log, log  # failed while running
     for name in ("opd", "general"):
         assert states[name]["state"] == "CANCELLED", (name, states[name])
         assert states[name]["reason"] == "DependencyNeverSatisfied", (name, states[name])
