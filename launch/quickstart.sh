@@ -13,5 +13,5 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q -e '.[cpu]'
 RUN_DIR=${RUN_DIR:-runs/tiny-moe}
 python3 -m torch.distributed.run --standalone --nproc_per_node=2 \
-  -m megatron_ernie.cli pretrain --config configs/tiny_cpu.toml --set "run.dir=\"$RUN_DIR\"" "$@"
+  -m megatron_ernie.cli pretrain --config configs/quickstart_cpu.toml --set "run.dir=\"$RUN_DIR\"" "$@"
 python3 -m megatron_ernie.cli summary --run-dir "$RUN_DIR"

@@ -56,7 +56,7 @@ def test_sampling_is_deterministic_and_sandwiched():
     a = sample_step(CFG.elastic, axes, iteration=5, seed=1)
     assert a == sample_step(CFG.elastic, axes, iteration=5, seed=1)
     assert [r for r, _ in a] == ["largest", "smallest", "random"]
-    assert a[0][1] == Subnet(4, 1.0, 4, 2) and a[1][1] == Subnet(1, 0.5, 2, 1)
+    assert a[0][1] == Subnet(4, 1.0, 4, 2) and a[1][1] == Subnet(2, 0.5, 2, 1)
     draws = {sample_step(CFG.elastic, axes, i, 1)[2][1] for i in range(40)}
     assert len(draws) > 5 and all(s.topk <= s.experts for s in draws)
 

@@ -2,7 +2,7 @@
 
 Unit cases check the summary's verdict (Spearman's rank correlation with ties, the largest-minus-smallest
 gap, the sentence under the table) against hand-computed values; the slow case trains the quickstart
-recipe (configs/tiny_cpu.toml) shortened, on two seeds, and asserts the family property on the table
+recipe (configs/quickstart_cpu.toml) shortened, on two seeds, and asserts the family property on the table
 the run writes.
 """
 
@@ -50,7 +50,7 @@ def test_summary_line_says_whether_the_table_is_a_family():
     assert "not yet a family" in family_line(shuffled)
 
 
-# The quickstart recipe (configs/tiny_cpu.toml) shortened for CI: same model, vocabulary, batch, LR and
+# The quickstart recipe (configs/quickstart_cpu.toml) shortened for CI: same model, vocabulary, batch, LR and
 # warmup, half the steps (the cosine decays over them).  Measured at 150 steps: rho -1.00 on seeds 1234 and 7,
 # largest ahead of smallest by 0.034 and 0.023 nats; the quickstart's 0.05-nat gap needs its full 300 steps
 # (0.111 on seed 1234), so here the ordering is asserted in full and the gap at a level 150 steps reach.
@@ -62,7 +62,7 @@ CI_MIN_GAP = 0.015
 @pytest.mark.parametrize("seed", [1234, 7])
 def test_quickstart_recipe_trains_a_real_family(tmp_path, data_cache, seed):
     run_dir = tmp_path / "run"
-    torchrun(2, ["-m", "megatron_ernie.cli", "pretrain", "--config", ROOT / "configs/tiny_cpu.toml",
+    torchrun(2, ["-m", "megatron_ernie.cli", "pretrain", "--config", ROOT / "configs/quickstart_cpu.toml",
                  "--set", f'run.dir="{run_dir}"', "--set", f"run.seed={seed}", "--set", f"train.iters={CI_ITERS}",
                  "--set", "train.eval_interval=0", "--set", "checkpoint.save_interval=0"], timeout=900)
     rows = list(csv.DictReader(open(run_dir / "elastic" / "family.csv")))
