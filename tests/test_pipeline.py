@@ -4,6 +4,7 @@
 import json
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from megatron_ernie import config as C
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.posttrain import pipeline as P
-from megatron_ernie.posttrain.stages import load_pipeline, plan
+from megatron_ernie.posttrain.stages import load_pipeline, plan, slurm_world_check
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_TASKS = """
@@ -35,8 +36,9 @@ def _write_pipeline(tmp_path, experts=None, extra=""):
         parallel_experts = 2
         {extra}
         [pipeline.sft]
-        config = "stage.toml"
+        config = "{ROOT / 'configs' / 'sft_tiny_cpu.toml'}"
         steps = 3
+        procs = 2
         [pipeline.expert]
         config = "stage.toml"
         [pipeline.opd]
@@ -91,6 +93,27 @@ def test_bad_pipelines_are_refused_before_anything_runs(tmp_path, experts, field
         _stages(tmp_path, experts=experts)
     assert err.value.field == field
     assert not (tmp_path / "out").exists()
+
+
+def test_training_stages_slurm_job_has_the_ranks_it_has_here(tmp_path, capsys):
+    """SFT (and the judge) run as `procs` ranks here; their Slurm job gets as many: derived from procs
+    where the stage config leaves [slurm] nodes / gpus_per_node out, refused where it sets another."""
+    def shape(stage):
+        slurm = tomllib.loads(stage.config_text)["slurm"]
+        return slurm["nodes"], slurm["gpus_per_node"]
+
+    sized = {s.name: shape(s) for s in plan(*load_pipeline(str(ROOT / "configs" / "posttrain_tiny_cpu.toml")))}
+    assert sized["sft"] == sized["judge"] == (1, 2)  # procs = 2
+    path = _write_pipeline(tmp_path)
+    three_nodes = plan(*load_pipeline(str(path), ['pipeline.sft.set=["slurm.nodes=3"]']))  # fine to run here
+    with pytest.raises(ConfigError) as err:  # not to submit: 3 nodes x 1 GPU
+        slurm_world_check(three_nodes[0])
+    assert err.value.field == "pipeline.sft.procs" and err.value.value == 2
+    assert "3 node(s) x 1 GPUs = 3 ranks" in err.value.fix and "pipeline.sft.procs = 3" in err.value.fix
+    assert P.main(["--config", str(path), "--submit", "--dry-run", "--set", 'pipeline.sft.set=["slurm.nodes=3"]']) == 2
+    assert "pipeline.sft.procs = 2" in capsys.readouterr().err
+    for procs, expected in [(16, (2, 8)), (4, (1, 4))]:
+        assert shape(plan(*load_pipeline(str(path), [f"pipeline.sft.procs={procs}"]))[0]) == expected
 
 
 def test_unknown_keys_and_stage_errors_name_the_field(tmp_path, capsys):

@@ -63,17 +63,20 @@ def load_submission(args: argparse.Namespace) -> tuple[SlurmConfig, JobSpec]:
         slurm.check_teachers("slurm", sorted(raw.get("rl", {}).get("distill", {}).get("teachers", {})))
         slurm.check_judge("slurm", bool(raw.get("rl", {}).get("judge", {}).get("checkpoint", "")))
     if not args.command:
-        check_job_config(config_path, args.set)
+        check_job_config(config_path, args.set, None if args.kind == "rl" else slurm.nodes * slurm.gpus_per_node)
     return slurm, job
 
 
-def check_job_config(config_path: Path, overrides) -> None:
+def check_job_config(config_path: Path, overrides, world: int | None) -> None:
     """The config checks the job itself runs at start-up (every section and the rules between
     them), here, before anything is queued: a typo must not wait in the queue for hours to fail.
-    (The layout rules that need the world size are left to `ernie show-config --world-size N`.)"""
+    A training job (one task per GPU) is also checked at its world size, nodes x gpus_per_node:
+    the layout must divide it and the batch must split over its data-parallel ranks. (An RL
+    job's trainer layout is checked by the trainer group at start-up.)"""
     from megatron_ernie import config as C
 
-    C.validate(C.load(config_path, overrides))
+    cfg = C.load(config_path, overrides)
+    C.validate(cfg, world or None)
 
 
 def check_memory(slurm: SlurmConfig, args) -> None:

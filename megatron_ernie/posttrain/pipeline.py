@@ -25,7 +25,7 @@ from pathlib import Path
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.config.pipeline import STAGES
 from megatron_ernie.posttrain.manifest import Manifest
-from megatron_ernie.posttrain.stages import Stage, load_pipeline, plan
+from megatron_ernie.posttrain.stages import Stage, load_pipeline, plan, slurm_world_check
 
 
 class StageFailed(RuntimeError):
@@ -231,6 +231,8 @@ def submit_chain(stages: list[Stage], dry_run: bool, manifest: Manifest | None =
     stage's job id and the ids it waits for in the manifest (status "submitted") so a user finds the
     jobs of a chain (squeue -j, sacct -j) from the pipeline directory."""
     ids: dict[str, str] = {}
+    for stage in stages:
+        slurm_world_check(stage)
     for stage in stages:
         stage.write_config()
         deps = [ids[b] for b in stage.after if b in ids]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def _stage(name: str, kind: str, source: StageConfig, stage: StageConfig, home: 
     field = f"pipeline.{name.split('/')[0]}"
     raw = apply_overrides(read_toml(_absolute(home, source.config)), stage.set)
     raw = _scorer_groups(_merge(raw, extra))
+    raw = _sized_to_procs(raw, stage.procs) if kind == "sft" else raw
     raw = _link(raw, run_dir, start, stage.steps)
     raw = _select_tasks(raw, stage.tasks, f"{field}.tasks")
     cfg = _validated(raw, f"{field}.config")
@@ -155,6 +157,38 @@ def _scorer_group(raw: dict, role: str, tasks: int) -> dict:
     group = {**slurm.get(role, {}), "nodes": 1, "tasks_per_node": tasks}
     out["slurm"] = {**slurm, role: group, "nodes": slurm.get("nodes", 1) + 1}
     return out
+
+
+DEFAULT_GPUS_PER_NODE = 8  # SlurmConfig's default node shape
+
+
+def _sized_to_procs(raw: dict, procs: int) -> dict:
+    """A training stage (SFT, the judge) runs as `procs` ranks here and must run as `procs` ranks on
+    Slurm too: its layout and batch were chosen for that world size, and `ernie submit` checks them at
+    nodes x gpus_per_node. What the stage config leaves of [slurm] nodes / gpus_per_node is derived
+    from procs (up to 8 GPUs a node); what it sets is kept, and checked when the chain is submitted
+    (slurm_world_check), since a local run never reads it."""
+    slurm = raw.get("slurm", {})
+    nodes, gpus = slurm.get("nodes"), slurm.get("gpus_per_node")
+    if gpus is None:
+        gpus = max(procs // nodes, 1) if nodes else min(procs, DEFAULT_GPUS_PER_NODE)
+    nodes = nodes if nodes is not None else max(procs // max(gpus, 1), 1)
+    out = copy.deepcopy(raw)
+    out["slurm"] = {**slurm, "nodes": nodes, "gpus_per_node": gpus}
+    return out
+
+
+def slurm_world_check(stage: Stage) -> None:
+    """Before a training stage is submitted: its Slurm job must have the `procs` ranks it was planned for."""
+    if stage.kind != "sft":
+        return
+    slurm = tomllib.loads(stage.config_text)["slurm"]
+    nodes, gpus = slurm["nodes"], slurm["gpus_per_node"]
+    if nodes * gpus != stage.procs:
+        field = f"pipeline.{stage.name}.procs"
+        raise ConfigError(field, stage.procs, f"its Slurm job would have {nodes} node(s) x {gpus} GPUs = "
+                          f"{nodes * gpus} ranks; set {field} = {nodes * gpus}, or size the stage "
+                          f"config's [slurm] nodes x gpus_per_node to {stage.procs}")
 
 
 def _link(raw: dict, run_dir: Path, start: str, steps: int) -> dict:

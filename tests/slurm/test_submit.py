@@ -28,6 +28,9 @@ signal_lead_s = 600
 env = ["NCCL_SOCKET_IFNAME=ib0", "NCCL_IB_HCA=mlx5"]
 setup = ["source /opt/venv/bin/activate"]
 extra_sbatch = ["--constraint=h100"]
+[train]
+global_batch_size = 512
+micro_batch_size = 1
 """
 
 RL_64 = """
@@ -205,3 +208,14 @@ def test_unknown_partition_is_refused_before_sbatch(slurm_cluster, tmp_path):
     assert ("slurm.partition = 'gpu': no such partition on this cluster; available: ['cpu', 'debug']"
             in done.stderr)
     assert not (tmp_path / "nopart" / "slurm").exists()
+
+
+def test_dry_run_checks_the_layout_at_the_jobs_world_size(tmp_path, capsys):
+    """64 nodes x 8 GPUs = 512 ranks: a global batch that does not split over the data-parallel
+    ranks fails the job at start-up, so it must fail the submission before anything is queued."""
+    from megatron_ernie.launch import submit
+
+    config = write_config(tmp_path, PRETRAIN_64.replace("global_batch_size = 512", "global_batch_size = 100"))
+    assert submit.main(["pretrain", "--config", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "global_batch_size" in err and "100" in err and "Traceback" not in err
