@@ -19,6 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -233,25 +234,42 @@ def submit_chain(stages: list[Stage], dry_run: bool, manifest: Manifest | None =
     ids: dict[str, str] = {}
     for stage in stages:
         slurm_world_check(stage)
-    for stage in stages:
-        stage.write_config()
-        deps = [ids[b] for b in stage.after if b in ids]
-        command = [sys.executable, "-m", "megatron_ernie.launch.submit", stage.kind, "--config",
-                   str(stage.config_path)]
-        if deps and not dry_run:  # a dry run has no job ids: its scripts show the chain in their headers
-            command += [f"--dependency=afterok:{':'.join(deps)}"]
-        command += ["--dry-run"] if dry_run else ["--parsable"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise StageFailed(f"submitting {stage.name} failed: {done.stderr.strip() or done.stdout.strip()}")
-        ids[stage.name] = f"<{stage.name}>" if dry_run else done.stdout.strip()
-        if manifest is not None and not dry_run:
-            manifest.update(stage.name, status="submitted", job_id=ids[stage.name], after_jobs=deps,
-                            input=stage.input, config_hash=stage.config_hash, config=str(stage.config_path),
-                            output=str(stage.output), tasks=list(stage.tasks))
-        print(f"# ---- {stage.name} (after {', '.join(stage.after) or 'nothing'})\n{done.stdout}" if dry_run
-              else f"[pipeline] {stage.name}: job {ids[stage.name]}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="ernie-pipeline-") as scratch:
+        for stage in stages:
+            _submit_stage(stage, ids, dry_run, manifest, Path(scratch))
     return ids
+
+
+def _dry_run_config(stage: Stage, scratch: Path) -> Path:
+    """Where a dry run writes a stage's config for `ernie submit` to read: a scratch folder, since a
+    dry run writes nothing under pipeline.dir (a cluster path such as /checkpoint/... that may not
+    exist, or be writable, on the machine that renders the chain)."""
+    path = scratch / stage.name / "stage.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(stage.config_text)
+    return path
+
+
+def _submit_stage(stage: Stage, ids: dict[str, str], dry_run: bool, manifest: Manifest | None,
+                  scratch: Path) -> None:
+    """sbatch one stage (or, with dry_run, print its script as the real submission would write it)."""
+    config = _dry_run_config(stage, scratch) if dry_run else stage.write_config()
+    deps = [ids[b] for b in stage.after if b in ids]
+    command = [sys.executable, "-m", "megatron_ernie.launch.submit", stage.kind, "--config", str(config)]
+    if deps and not dry_run:  # a dry run has no job ids: its scripts show the chain in their headers
+        command += [f"--dependency=afterok:{':'.join(deps)}"]
+    command += ["--dry-run"] if dry_run else ["--parsable"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StageFailed(f"submitting {stage.name} failed: {done.stderr.strip() or done.stdout.strip()}")
+    ids[stage.name] = f"<{stage.name}>" if dry_run else done.stdout.strip()
+    if manifest is not None and not dry_run:
+        manifest.update(stage.name, status="submitted", job_id=ids[stage.name], after_jobs=deps,
+                        input=stage.input, config_hash=stage.config_hash, config=str(stage.config_path),
+                        output=str(stage.output), tasks=list(stage.tasks))
+    script = done.stdout.replace(str(config), str(stage.config_path))  # the path the real job reads
+    print(f"# ---- {stage.name} (after {', '.join(stage.after) or 'nothing'})\n{script}" if dry_run
+          else f"[pipeline] {stage.name}: job {ids[stage.name]}", flush=True)
 
 
 # ----------------------------------------------------------------------- main
