@@ -255,3 +255,65 @@ def test_a_judge_stage_without_tasks_is_refused(tmp_path):
     path = _write_pipeline(tmp_path, extra='[pipeline.judge]\nconfig = "stage.toml"\n')
     with pytest.raises(ConfigError, match="pipeline.judge.tasks"):
         load_pipeline(str(path))
+
+
+GPU_PIPELINE = ROOT / "configs" / "posttrain_gpu_16b.toml"
+
+
+def _het_groups(script: str) -> dict:
+    """{role: (partition, nodes, tasks per node, GPUs per node)} from a het job's `# het group k: role`
+    blocks; a plain job (no het groups) is returned as the role "job"."""
+    groups, role = {}, "job"
+    for line in script.splitlines():
+        if line.startswith("# het group "):
+            role = line.split(": ", 1)[1].split(" ", 1)[0]
+        elif line.startswith("#SBATCH --") and "=" in line:
+            key, value = line[len("#SBATCH --"):].split("=", 1)
+            if key in ("partition", "nodes", "ntasks-per-node", "gpus-per-node"):
+                groups.setdefault(role, {})[key] = value
+    return {r: (g.get("partition"), int(g["nodes"]), int(g["ntasks-per-node"]), int(g.get("gpus-per-node", 0)))
+            for r, g in groups.items()}
+
+
+def test_gpu_pipeline_renders_the_whole_chain_with_each_jobs_groups(tmp_path, capsys):
+    """configs/posttrain_gpu_16b.toml (the 16B-A3B MoE on H100 nodes): `--submit --dry-run` renders one
+    sbatch script per stage in chain order, with the shapes the file sizes: SFT on 4 x 8 GPUs, every RL
+    stage a het job (trainer 2 x 8, rollout 2 x 8, CPU reward nodes where rewards need them, a CPU
+    controller), OPD's teacher group one task per expert, the judge's SFT on 2 x 8, general RL's judge
+    group. The dry run writes nothing under pipeline.dir."""
+    out = tmp_path / "out"
+    sets = ["--set", f'pipeline.dir="{out}"']
+    assert P.main(["--config", str(GPU_PIPELINE), "--dry-run", *sets]) == 0  # the plan
+    plan_rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[0] for row in plan_rows] == ["sft", "experts/arith", "experts/tools", "experts/coder",
+                                                     "opd", "judge", "general"]
+    assert P.main(["--config", str(GPU_PIPELINE), "--submit", "--dry-run", *sets]) == 0
+    text = capsys.readouterr().out
+    scripts = dict(part.split("\n", 1) for part in text.split("# ---- ")[1:])
+    assert list(scripts) == ["sft (after nothing)", "experts/arith (after sft)", "experts/tools (after sft)",
+                             "experts/coder (after sft)", "opd (after experts/arith, experts/tools, experts/coder)",
+                             "judge (after sft)", "general (after opd, judge)"]
+    jobs = {header.split(" ")[0]: _het_groups(script) for header, script in scripts.items()}
+    gpu, cpu = "gpu", "cpu"
+    trainer, rollout, controller = (gpu, 2, 8, 8), (gpu, 2, 8, 8), (cpu, 1, 1, 0)
+    assert jobs["sft"] == {"job": (gpu, 4, 8, 8)}  # pipeline.sft.procs = 32
+    assert jobs["experts/arith"] == {"trainer": trainer, "rollout": rollout, "controller": controller}
+    assert jobs["experts/tools"] == {"trainer": trainer, "rollout": rollout, "reward": (cpu, 1, 32, 0),
+                                     "controller": controller}
+    assert jobs["experts/coder"] == {"trainer": trainer, "rollout": rollout, "reward": (cpu, 2, 32, 0),
+                                     "controller": controller}
+    pipeline, _ = load_pipeline(str(GPU_PIPELINE))
+    assert jobs["opd"] == {"trainer": trainer, "rollout": rollout, "reward": (cpu, 1, 32, 0),
+                           "teacher": (gpu, 1, len(pipeline.experts), 3), "controller": controller}
+    assert jobs["judge"] == {"job": (gpu, 2, 8, 8)}  # pipeline.judge.procs = 16
+    assert jobs["general"] == {"trainer": trainer, "rollout": rollout, "reward": (cpu, 1, 32, 0),
+                               "judge": (gpu, 1, 4, 4), "controller": controller}
+    roles = [line for line in scripts["general (after opd, judge)"].splitlines() if "ERNIE_HET_ROLES=" in line]
+    assert roles == ["export ERNIE_HET_ROLES=trainer,rollout,reward,judge,controller"]
+    assert f"ernie sft --config {out / 'sft' / 'stage.toml'} " in scripts["sft (after nothing)"]
+    assert not out.exists()
+    stages = {s.name: s for s in plan(pipeline, GPU_PIPELINE.parent)}
+    assert stages["sft"].input == "/checkpoint/ernie/moe16b-a3b/checkpoints/iter_0250000"  # the pretraining run's end
+    general = tomllib.loads(stages["general"].config_text)
+    assert general["rl"]["judge"]["checkpoint"] == str(stages["judge"].output)
+    assert sorted(tomllib.loads(stages["opd"].config_text)["rl"]["distill"]["teachers"]) == ["arith", "coder", "tools"]
