@@ -7,7 +7,9 @@ streamed into safetensors, so memory stays near the largest single tensor
 size.  Output: ``config.json``, ``generation_config.json``,
 ``model.safetensors`` (or shards + index), ``tokenizer.json`` with a
 ``tokenizer_config.json`` that ``AutoTokenizer`` loads as
-``PreTrainedTokenizerFast``.  Written to a hidden directory and renamed at
+``PreTrainedTokenizerFast``, and ``megatron_ernie_training.toml`` (the data and
+training settings, so that an import evaluates like this checkpoint:
+``training_settings.py``).  Written to a hidden directory and renamed at
 the end, so a failed export leaves nothing that looks complete.
 """
 
@@ -28,6 +30,7 @@ from megatron_ernie.convert.errors import ConvertError
 from megatron_ernie.convert.safetensors_io import Entry, write_model
 from megatron_ernie.convert.source import Checkpoint, open_checkpoint
 from megatron_ernie.convert.staging import check_new_output, staged_dir, write_text_synced
+from megatron_ernie.convert.training_settings import write_settings
 
 EOD_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -185,9 +188,10 @@ def export_hf(checkpoint, out, dtype: str | None = None, max_shard_bytes: int = 
         write_text_synced(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         write_text_synced(tmp / "generation_config.json", json.dumps({**special, "do_sample": False}, indent=2) + "\n")
         files = write_model(tmp, entries, max_shard_bytes)
+        settings = write_settings(ck.config, tmp)
     report = {"out": str(out), "architecture": config["architectures"][0], "files": files, "tensors": len(entries),
               "bytes": sum(e.nbytes for e in entries), "seconds": round(time.perf_counter() - start, 3),
-              "tokenizer": tokenizer_files, "iteration": ck.meta.get("iteration")}
+              "tokenizer": tokenizer_files, "training_settings": settings, "iteration": ck.meta.get("iteration")}
     if _is_supernet(ck.config):
         report["note"] = ("elastic supernet: exported its full network (the largest sub-network); "
                           "to export another, run `ernie extract` first and export its checkpoint")

@@ -10,7 +10,11 @@ embedding), so memory stays near the largest tensor.
 
 The model and MoE sections come from ``config.json`` and cannot be
 overridden; everything else (data, optimizer, parallel layout...) comes from
-``--config``/``--set`` and is stored in the checkpoint's config.
+``--config``/``--set`` and is stored in the checkpoint's config.  Without
+``--config``, a directory that ``ernie convert to-hf`` wrote brings its own
+data and training settings (``training_settings.py``), so the import of our
+own export evaluates exactly like the checkpoint it came from; the
+tokenizer files are copied into the checkpoint, as in every checkpoint of ours.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from megatron_ernie.convert.safetensors_io import SafetensorsModel
 from megatron_ernie.checkpoint.verify import write_manifest
 from megatron_ernie.convert.source import META
 from megatron_ernie.convert.staging import check_new_output, staged_dir, write_text_synced
+from megatron_ernie.convert.training_settings import read_settings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CANONICAL_LAYOUT = {"world": 1, "tp": 1, "pp": 1, "vpp": 1, "ep": 1, "etp": 1}
@@ -168,12 +173,20 @@ def tensor_specs(model: SafetensorsModel, d: K.Dims, hf_vocab: int, dtype: torch
     return specs
 
 
-def build_config(hf_config: dict, base_config=None, overrides=(), dtype: str | None = None) -> C.ErnieConfig:
-    """Our config: model/moe from config.json, the rest from --config/--set (which may not contradict it).
+def base_settings(hf_dir: Path, base_config=None) -> dict:
+    """The raw config the import starts from: ``--config`` when given (the user's word wins),
+    else the training settings our export carried (so the import evaluates like the original),
+    else nothing (the defaults)."""
+    return loader.read_toml(base_config) if base_config else read_settings(hf_dir)
+
+
+def build_config(hf_config: dict, base: dict | None = None, overrides=(), dtype: str | None = None) -> C.ErnieConfig:
+    """Our config: model/moe from config.json, the rest from ``base`` (see ``base_settings``) and
+    --set (which may not contradict config.json).
 
     Training-only values taken from config.json (``SETTABLE``) may be overridden.
     """
-    raw = loader.apply_overrides(loader.read_toml(base_config) if base_config else {}, overrides)
+    raw = loader.apply_overrides(base or {}, overrides)
     if dtype:
         raw.setdefault("model", {})["dtype"] = dtype
     from_hf = hf.config_from_hf(hf_config)
@@ -215,7 +228,7 @@ def import_hf(hf_dir, out, base_config=None, overrides=(), dtype: str | None = N
         raise ConfigError("--dtype", dtype, f"use one of {sorted(DTYPES)} (default: config.json's torch_dtype)")
     check_new_output(out, "out")
     hf_cfg = _read_hf_config(hf_dir)
-    cfg = build_config(hf_cfg, base_config, overrides, dtype)
+    cfg = build_config(hf_cfg, base_settings(hf_dir, base_config), overrides, dtype)
     model = SafetensorsModel(hf_dir)
     hf_vocab = model.shapes.get("model.embed_tokens.weight", (0,))[0]
     d = K.Dims.from_config(cfg, _padded(hf_vocab))

@@ -184,8 +184,11 @@ def eval_main(argv=None) -> int:
     p.add_argument("--run-dir", required=True, help="a run directory, checkpoints/ root or checkpoint directory")
     p.add_argument("--subnet", default="", help='e.g. "depth=3,ffn=0.5,experts=2,topk=1" (empty = full)')
     p.add_argument("--json", action="store_true", help="print one JSON object (full precision)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change the checkpoint's config for this evaluation, e.g. the validation data: "
+                        "--set 'data.prefixes=[\"P\"]' --set data.tokenizer=<checkpoint>/tokenizer.json")
     args = p.parse_args(argv)
-    run = open_any(args.run_dir)
+    run = open_any(args.run_dir, args.overrides)
     try:
         row = _eval_row(run, args.subnet)
         if not dist.is_initialized() or dist.get_rank() == 0:
