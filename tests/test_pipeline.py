@@ -317,3 +317,17 @@ def test_gpu_pipeline_renders_the_whole_chain_with_each_jobs_groups(tmp_path, ca
     general = tomllib.loads(stages["general"].config_text)
     assert general["rl"]["judge"]["checkpoint"] == str(stages["judge"].output)
     assert sorted(tomllib.loads(stages["opd"].config_text)["rl"]["distill"]["teachers"]) == ["arith", "coder", "tools"]
+
+
+def test_the_cpu_demonstration_renders_as_a_slurm_chain(capsys):
+    """The README's `ernie pipeline --config configs/posttrain_tiny_cpu.toml --submit`: every RL stage's
+    het job is sized by the RL stage config (one node per group), SFT and the judge by procs."""
+    assert P.main(["--config", str(ROOT / "configs" / "posttrain_tiny_cpu.toml"), "--submit", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    jobs = dict(part.split(" (after ", 1)[0:2] for part in out.split("# ---- ")[1:])
+    assert list(jobs) == ["sft", "experts/arith", "experts/tools", "experts/coder", "opd", "judge", "general"]
+    hetjobs = {name: text.splitlines().count("#SBATCH hetjob") for name, text in jobs.items()}
+    # trainer, rollout, reward, controller (+ OPD's teacher group, + general RL's judge group)
+    assert hetjobs == {"sft": 0, "experts/arith": 3, "experts/tools": 3, "experts/coder": 3, "opd": 4,
+                       "judge": 0, "general": 4}
+    assert "#SBATCH --nodes=1" in jobs["sft"] and "#SBATCH --gpus-per-node=2" in jobs["sft"]
