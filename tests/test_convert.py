@@ -12,6 +12,7 @@ layout (one 2-process launch).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -393,6 +394,73 @@ def test_cli_entry_points(imported, tmp_path, capsys):
         cli.parse_size("lots")
 
 
+# --- ernie eval of an import: a foreign vocabulary is refused in one line, with the fix that works ---
+
+
+def ernie_in_process(argv) -> tuple[int, str, str]:
+    """``ernie ARGV`` in this process, as a user runs it: (exit code, stdout, stderr).  The launcher
+    variables it exports and the process group it opens do not outlive the call."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from megatron_ernie import cli
+
+    saved, out, err = dict(os.environ), io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return code, out.getvalue(), err.getvalue()
+
+
+def eval_json(checkpoint, *sets) -> dict:
+    code, out, err = ernie_in_process(["eval", "--run-dir", checkpoint, "--json", *[a for s in sets for a in ("--set", s)]])
+    assert code == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> str:
+    line = err.strip()
+    assert code == 2, err[-3000:]
+    assert "\n" not in line and "Traceback" not in line and line.startswith("ernie eval: error: "), err[-3000:]
+    for word in words:
+        assert word in line, line
+    return line
+
+
+def test_eval_of_a_foreign_vocabulary_import_names_the_checkpoint_and_the_fix(imported, hf_model, tmp_path,
+                                                                               data_cache):
+    """The third-party model's tokenizer (trained on TEXT) is not the one any corpus of ours trains:
+    eval must refuse to score it on such data, and the fix it prints must give a result."""
+    corpus = tmp_path / "valid.txt"
+    corpus.write_text("\n\n".join(f"And the evening and the morning were the day {i}." for i in range(300)))
+    small = f'data.corpus="{corpus}"'  # a corpus of its own: tokenizer trained at vocab 300 in seconds
+    split = 'data.split="8,2,0"'
+    code, _, err = ernie_in_process(["eval", "--run-dir", imported, "--json", "--set", small, "--set", split])
+    line = assert_one_line_error(code, err, f"data = 'corpus={corpus}, vocab_size=300'", str(imported),
+                                 str(imported / "tokenizer.json"), "ernie preprocess", "data.prefixes")
+    # the fix it names: the text tokenized with the checkpoint's own tokenizer, passed with --set
+    from megatron_ernie.data.preprocess import preprocess
+
+    preprocess(str(corpus), str(tmp_path / "P"), tokenizer_path=str(imported / "tokenizer.json"))
+    fixed = eval_json(imported, f'data.prefixes=["{tmp_path / "P"}"]', f"data.tokenizer={imported / 'tokenizer.json'}",
+                      split)
+    assert 0 < fixed["valid_loss"] < 2 * math.log(384), (line, fixed)  # a random model: near log(vocab)
+    # a Hugging Face model without a tokenizer we read: nothing to tokenize a corpus with
+    bare = tmp_path / "bare"
+    shutil.copytree(hf_model, bare)
+    (bare / "tokenizer.json").unlink()
+    import_hf(bare, tmp_path / "bare_ckpt", overrides=["data.vocab_size=300"])
+    code, _, err = ernie_in_process(["eval", "--run-dir", tmp_path / "bare_ckpt", "--set", small, "--set", split])
+    assert_one_line_error(code, err, str(tmp_path / "bare_ckpt"), "has no tokenizer.json", "data.prefixes")
+
+
 # --- slow: our trained model at several layouts vs transformers ------------------------------------
 
 LAYOUTS = {
@@ -542,3 +610,38 @@ def test_inspect_real_checkpoint(reference):
     assert info["saved_layout"]["ep"] == 2 and info["optimizer_state"]["tensors"] > 0
     p = info["parameters"]
     assert p["active"] < p["total"] and p["routed_experts"] == 3 * 4 * 3 * 64 * 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ep2", "ep2_elastic"])
+def test_import_of_our_export_evaluates_exactly_like_the_original(reference, layout, tmp_path):
+    """`ernie convert to-hf`, `ernie convert from-hf` with no options, `ernie eval`: the original's loss
+    (the export carries the data and evaluation settings; a supernet exports its full network)."""
+    r = reference["layouts"][layout]
+    assert r["export"]["training_settings"] == "megatron_ernie_training.toml"
+    code, _, err = ernie_in_process(["convert", "from-hf", r["hf"], tmp_path / "imported"])
+    assert code == 0, err[-3000:]
+    original = eval_json(r["checkpoint"])["valid_loss"]
+    imported = eval_json(tmp_path / "imported")["valid_loss"]
+    print(f"{layout}: ernie eval original {original!r}, import {imported!r}, at training time {r['eval']!r}")
+    assert imported == pytest.approx(original, rel=1e-6)
+    assert original == pytest.approx(r["eval"], rel=1e-5)  # what the training run measured at EP2 x DP2
+    assert 3 < imported < 8  # a trained model on a 512-token vocabulary, not a degenerate number
+
+
+@pytest.mark.slow
+def test_import_without_the_carried_settings_is_refused_then_evaluates_with_the_runs_config(reference, tmp_path):
+    """An export from before the settings travelled: imported with another vocabulary size, eval names
+    the mismatch; imported again with the run's config.toml (the fix it names), eval gives the loss."""
+    r = reference["layouts"]["ep2"]
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(r["hf"], hf_dir)
+    (hf_dir / "megatron_ernie_training.toml").unlink()
+    import_hf(hf_dir, tmp_path / "a", overrides=["data.vocab_size=2048"])
+    code, _, err = ernie_in_process(["eval", "--run-dir", tmp_path / "a"])
+    assert_one_line_error(code, err, "data = 'corpus=kjv, vocab_size=2048'", str(tmp_path / "a" / "tokenizer.json"),
+                          "import it again with --config")
+    run_config = Path(r["checkpoint"]).parents[1] / "config.toml"
+    code, _, err = ernie_in_process(["convert", "from-hf", hf_dir, tmp_path / "b", "--config", run_config])
+    assert code == 0, err[-3000:]
+    assert eval_json(tmp_path / "b")["valid_loss"] == pytest.approx(r["eval"], rel=1e-5)
