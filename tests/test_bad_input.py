@@ -240,6 +240,8 @@ CASES = [
          ("iter_0000099",)),
     Case("eval-weights-overwritten", "checkpoint",
          lambda c: (_flip_weights(_shard(_latest(r := c.run()))), _eval(r))[1], ("distcp", "checksum")),
+    Case("eval-data-of-another-tokenizer", "silent", lambda c: _eval(c.run()) + ["--set", "data.vocab_size=512"],
+         ("vocab_size=512", "tokenizer.json", "another vocabulary", "ernie preprocess", "data.prefixes")),
     Case("extract-shard-truncated", "checkpoint",
          lambda c: (_truncate(_shard(_latest(r := c.run()))),
                     ["extract", "--run-dir", r, "--subnet", "depth=3", "--out", c.tmp / "sub"])[1],
