@@ -12,7 +12,6 @@ layout (one 2-process launch).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -434,6 +433,26 @@ def assert_one_line_error(code: int, err: str, *words: str) -> str:
     return line
 
 
+def transformers_valid_loss(hf_dir: Path, config: Path, sets: list) -> float:
+    """Mean next-token loss of ``transformers``' model on the validation samples `ernie eval` reads
+    (the same data pipeline and sample order), over our vocabulary padded to a multiple of 128
+    (the import's padding rows are zero, so those logits are 0 and take part in the softmax)."""
+    from megatron_ernie import config as C
+    from megatron_ernie.data.pipeline import setup_data
+
+    cfg = C.load(config, sets)
+    t = cfg.train
+    n = t.eval_iters * t.global_batch_size
+    data = setup_data(cfg.data, cfg.model.seq_length, (t.iters * t.global_batch_size, n, n))
+    samples = [data.valid[i] for i in range(n)]
+    tokens, labels, mask = (torch.stack([torch.as_tensor(x[k]) for x in samples]) for k in ("tokens", "labels",
+                                                                                            "loss_mask"))
+    logits = hf_logits(hf_dir, tokens.long())
+    padded = torch.cat([logits, torch.zeros(*logits.shape[:2], 384 - logits.shape[-1])], dim=-1)
+    ce = torch.nn.functional.cross_entropy(padded.flatten(0, 1), labels.long().flatten(), reduction="none")
+    return ((ce * mask.flatten().float()).sum() / mask.float().sum()).item()
+
+
 def test_eval_of_a_foreign_vocabulary_import_names_the_checkpoint_and_the_fix(imported, hf_model, tmp_path,
                                                                                data_cache):
     """The third-party model's tokenizer (trained on TEXT) is not the one any corpus of ours trains:
@@ -451,7 +470,12 @@ def test_eval_of_a_foreign_vocabulary_import_names_the_checkpoint_and_the_fix(im
     preprocess(str(corpus), str(tmp_path / "P"), tokenizer_path=str(imported / "tokenizer.json"))
     fixed = eval_json(imported, f'data.prefixes=["{tmp_path / "P"}"]', f"data.tokenizer={imported / 'tokenizer.json'}",
                       split)
-    assert 0 < fixed["valid_loss"] < 2 * math.log(384), (line, fixed)  # a random model: near log(vocab)
+    # ... and it is the loss transformers computes for the Hugging Face model on the same validation samples
+    reference_loss = transformers_valid_loss(hf_model, imported / "config.toml",
+                                             [f'data.prefixes=["{tmp_path / "P"}"]',
+                                              f"data.tokenizer={imported / 'tokenizer.json'}", split])
+    print(f"foreign import, fixed data: ernie eval {fixed['valid_loss']!r}, transformers {reference_loss!r}")
+    assert fixed["valid_loss"] == pytest.approx(reference_loss, rel=1e-5), line
     # a Hugging Face model without a tokenizer we read: nothing to tokenize a corpus with
     bare = tmp_path / "bare"
     shutil.copytree(hf_model, bare)
