@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("from-hf", help="import a Hugging Face ERNIE 4.5 model as a weights-only checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out")
-    p.add_argument("--config", help="TOML with the training settings (data, optimizer, parallel...)")
+    p.add_argument("--config", help="TOML with the training settings (data, optimizer, parallel...); default: "
+                                    "those an export of ours carries (megatron_ernie_training.toml), else defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="cast weights (default: config.json's torch_dtype)")
     p.set_defaults(func=cmd_from_hf)
