@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_ernie import config as C
-from megatron_ernie.checkpoint import store
 from megatron_ernie.config.rl import TaskConfig
 from megatron_ernie.data.char_tokenizer import CharTokenizer
-from megatron_ernie.rl.rollout.megatron_engine import MegatronEngine
 from megatron_ernie.rl.task_tokenizer import task_texts
+from untrained import save_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,21 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def scenario_checkpoint(case: dict, _tmp: Path) -> dict:
     from megatron_ernie.runtime import groups as G
     from megatron_ernie.runtime.dims import ParallelDims
-    from megatron_ernie.runtime.groups import current_layout
 
     run_dir = Path(case["run_dir"])
     cfg = C.load(ROOT / "configs" / "rl_tiny_cpu.toml", [f'run.dir="{run_dir}"', *case["overrides"]])
     groups = G.build_groups(ParallelDims(world=1))
     G.model_parallel_seed(cfg.run.seed)
     tokenizer = CharTokenizer.train(task_texts([TaskConfig(name=n) for n in case["tokenizer_tasks"]]))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(run_dir / "tokenizer.json")
-    C.save_resolved(cfg, run_dir)
-    engine = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype="fp32", seed=cfg.run.seed)
-    meta = store.Meta(iteration=0, consumed_samples=0, consumed_tokens=0, layout=current_layout(),
-                      extra={"config": C.loader.to_dict(cfg)})
-    files = {name: run_dir / name for name in ("config.toml", "tokenizer.json")}
-    return {"checkpoint": str(store.save(run_dir / "checkpoints", meta, [engine.model], None, 0, files))}
+    _, path = save_untrained_checkpoint(cfg, groups, tokenizer, run_dir)
+    return {"checkpoint": str(path)}
 
 
 SCENARIOS = {"checkpoint": scenario_checkpoint}

@@ -18,29 +18,19 @@ import numpy as np
 import torch
 
 from megatron_ernie import config as C
-from megatron_ernie.checkpoint import store
 from megatron_ernie.data.char_tokenizer import CharTokenizer
 from megatron_ernie.rl.judge.data import SEPARATOR, judge_text
 from megatron_ernie.rl.judge.scorer import load_judge
 from megatron_ernie.rl.protocol import Sample, ScoredSample
-from megatron_ernie.rl.rollout.megatron_engine import MegatronEngine
 from megatron_ernie.rl.task_tokenizer import task_texts
+from untrained import save_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def save_checkpoint(cfg, groups, run_dir: Path):
-    from megatron_ernie.runtime.groups import current_layout
-
     tokenizer = CharTokenizer.train(task_texts(cfg.rl.tasks) + [SEPARATOR])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(run_dir / "tokenizer.json")
-    C.save_resolved(cfg, run_dir)
-    engine = MegatronEngine(cfg.model, cfg.moe, groups, tokenizer.vocab_size, dtype="fp32", seed=cfg.run.seed)
-    meta = store.Meta(iteration=0, consumed_samples=0, consumed_tokens=0, layout=current_layout(),
-                      extra={"config": C.loader.to_dict(cfg)})
-    files = {name: run_dir / name for name in ("config.toml", "tokenizer.json")}
-    path = store.save(run_dir / "checkpoints", meta, [engine.model], None, 0, files)
+    engine, path = save_untrained_checkpoint(cfg, groups, tokenizer, run_dir)
     return engine, tokenizer, path
 
 
