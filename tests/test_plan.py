@@ -291,3 +291,19 @@ def test_plan_on_an_rl_config_prints_the_rollout_replica(capsys):
     cli.main(["--config", str(ROOT / "configs" / "rl_tiny_cpu.toml"), "--gpus", "2"])
     out = capsys.readouterr().out
     assert "RL rollout replica" in out and "RL trainer group" in out
+
+
+def test_an_rl_config_is_planned_at_the_batch_rl_trains_and_an_sft_config_is_not_an_rl_config(capsys):
+    """`ernie rl` trains on prompts_per_step x n_per_prompt sequences a step, whatever train.global_batch_size
+    says (16 here): 6 x 4 = 24 sequences do not split over 16 data-parallel ranks, 8 x 4 = 32 do. An SFT
+    config lists its tasks under [[rl.tasks]] but is not an RL job."""
+    rl = ["--config", str(ROOT / "configs" / "rl_tiny_cpu.toml"), "--gpus", "16", "--json",
+          "--set", "train.global_batch_size=16", "--set", "train.micro_batch_size=1",
+          "--set", "rl.sampling.n_per_prompt=4"]
+    batch_refusals = {}
+    for prompts in (6, 8):
+        cli.main([*rl, "--set", f"rl.system.prompts_per_step={prompts}"])
+        batch_refusals[prompts] = json.loads(capsys.readouterr().out)["rejected"].get("train.global_batch_size", 0)
+    assert batch_refusals[8] == 0 and batch_refusals[6] > 0, batch_refusals  # 16 sequences would split at both
+    cli.main(["--config", str(ROOT / "configs" / "sft_tiny_cpu.toml"), "--gpus", "2"])
+    assert "RL rollout replica" not in capsys.readouterr().out

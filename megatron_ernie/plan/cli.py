@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     try:
         _check_args(args)
         cfg = C.load(args.config, args.overrides)
+        cfg = _with_rl_batch(cfg) if _is_rl_config(args.config) else cfg
         validate_for_planning(cfg)
         device = parse_device(args.gpu, args.gpus_per_node)
     except C.ConfigError as err:
@@ -143,9 +144,18 @@ def main(argv=None) -> int:
 
 
 def _is_rl_config(path: str) -> bool:
+    """An `ernie rl` config: an [rl] table and no [sft] (an SFT config lists its tasks under [[rl.tasks]])."""
     from megatron_ernie.config.loader import read_toml
 
-    return "rl" in read_toml(path)
+    raw = read_toml(path)
+    return "rl" in raw and "sft" not in raw
+
+
+def _with_rl_batch(cfg):
+    """The trainer's batch as `ernie rl` sets it: every sample of a step, prompts_per_step x n_per_prompt
+    sequences (rl/main.py load_config); the config's own train.global_batch_size is not used by RL."""
+    batch = cfg.rl.system.prompts_per_step * cfg.rl.sampling.n_per_prompt
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=batch))
 
 
 def print_rl_sizing(cfg, device, opts) -> None:
