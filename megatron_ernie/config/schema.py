@@ -169,10 +169,19 @@ class ScheduleConfig:
 
     warmup_iters: int = 5
     decay_style: str = "cosine"  # cosine | linear | constant
+    # A continuation (training an extracted sub-network, train/continuation.py) warms up to this
+    # fraction of its source's final LR, then decays to min; 0 = optimizer.lr and warmup_iters as usual.
+    continue_peak_fraction: float = 1.0
+    continue_warmup_fraction: float = 0.05  # of train.iters (Sheared-LLaMA / Minitron use 3-10%)
 
     def validate(self, path: str) -> None:
         require(self.warmup_iters >= 0, f"{path}.warmup_iters", self.warmup_iters, "must be >= 0")
         _one_of(f"{path}.decay_style", self.decay_style, {"cosine", "linear", "constant"})
+        require(0.0 <= self.continue_peak_fraction <= 1.0, f"{path}.continue_peak_fraction",
+                self.continue_peak_fraction, "must be in [0, 1]: 1 continues at the source's final LR, a smaller "
+                "value below it, 0 uses optimizer.lr (a jump to the config's peak, not a continuation)")
+        require(0.0 <= self.continue_warmup_fraction <= 0.5, f"{path}.continue_warmup_fraction",
+                self.continue_warmup_fraction, "must be in [0, 0.5] (a fraction of train.iters; 0.03-0.1 is usual)")
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,9 @@ class CheckpointConfig:
     save_on_exit: bool = True
     load_optimizer: bool = True  # false: take weights, schedule and data position, start fresh Adam moments
     load_weights_only: bool = False  # true: take only the weights of `load` (fine-tuning a base model, SFT)
+    # An extracted sub-network records its supernet's data position: true continues the data stream
+    # there (new tokens), false re-reads from sample 0. Ignored with load_weights_only (SFT starts at 0).
+    load_data_position: bool = True
 
     def validate(self, path: str) -> None:
         require(self.save_interval >= 0, f"{path}.save_interval", self.save_interval, "use 0 to save only at the end")

@@ -7,7 +7,10 @@ channels of every expert's gate, up and down projections — into a plain model
 built from a smaller config (fewer layers, smaller expert FFN, fewer experts,
 smaller top-k, no [elastic]), and saved as a weights-only checkpoint that
 ``ernie pretrain --set checkpoint.load=<out>/checkpoints/iter_0000000`` loads
-at any parallel layout.  The output directory is written under a temporary
+at any parallel layout.  The checkpoint records the supernet's data position
+and final LR, so that run continues the data stream on tokens the supernet
+did not see, warming up to at most the supernet's final LR
+(train/continuation.py).  The output directory is written under a temporary
 name and renamed when complete.
 """
 
@@ -25,6 +28,7 @@ import torch
 from megatron_ernie import config as C
 from megatron_ernie.checkpoint import store
 from megatron_ernie.config.errors import ConfigError
+from megatron_ernie.train import continuation
 from megatron_ernie.elastic.subnet import Subnet, kept_channels, kept_layers, layer_ranking, parse_subnet
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -96,9 +100,11 @@ def extract(run, s: Subnet, out_dir: Path) -> tuple[Path, int]:
     tmp = staging_dir(out_dir)
     C.save_resolved(sub, tmp)
     run.data.tokenizer.save(str(tmp / "tokenizer.json"))
-    meta = store.Meta(iteration=0, consumed_samples=0, consumed_tokens=0, layout={"world": 1},
+    record = continuation.source_record(run)  # where a continuation picks up: data position, final LR
+    meta = store.Meta(iteration=0, consumed_samples=record["consumed_samples"],
+                      consumed_tokens=record["consumed_tokens"], layout={"world": 1},
                       extra={"weights_only": True, "source": f"extracted {s} from {cfg.checkpoint.load}",
-                             "config": C.loader.to_dict(sub)})
+                             "config": C.loader.to_dict(sub), continuation.KEY: record})
     path = store.save(tmp / "checkpoints", meta, sub_model, None,
                       files={"config.toml": tmp / "config.toml", "tokenizer.json": tmp / "tokenizer.json"})
     os.replace(tmp, out_dir)

@@ -32,7 +32,7 @@ from megatron_ernie.observe.expert_load import ExpertLoadTracker
 from megatron_ernie.observe.tensorboard import NullWriter, make_writer
 from megatron_ernie.runtime import distributed, groups as G
 from megatron_ernie.runtime.dims import dims_from_config
-from megatron_ernie.train import step as S
+from megatron_ernie.train import continuation, step as S
 from megatron_ernie.train.objective import LMObjective, Objective
 from megatron_ernie.train.optim import build_optimizer, build_scheduler
 from megatron_ernie.train.signals import EXIT_PREEMPTED, StopFlag
@@ -75,9 +75,30 @@ class Run:
         return n, self.cfg.model.seq_length, t.micro_batch_size
 
 
-def _num_samples(train) -> tuple[int, int, int]:
+def _num_samples(train, start: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
+    """(train, valid, test) sample counts. A run starting at ``start`` = (iteration, consumed samples)
+    reads up to ``consumed + (iters - iteration) * G``: more than ``iters * G`` for a continuation,
+    which starts at its supernet's data position (train/continuation.py)."""
     evals = train.eval_iters * train.global_batch_size
-    return train.iters * train.global_batch_size, max(evals, 1), max(evals, 1)
+    iteration, consumed = start
+    n_train = max(train.iters * train.global_batch_size,
+                  consumed + max(train.iters - iteration, 0) * train.global_batch_size)
+    return n_train, max(evals, 1), max(evals, 1)
+
+
+def planned_start(cfg: C.ErnieConfig, path: Path | None, record: dict | None) -> tuple[int, int]:
+    """(iteration, consumed samples) the run will start at, known before data and model are built
+    (``resume`` then sets exactly this): a continuation at its source's data position, a resume
+    at its checkpoint's, a fresh run, an import or an SFT base model at (0, 0)."""
+    ck = cfg.checkpoint
+    if record is not None:
+        return 0, continuation.data_start(record, ck, cfg.train.global_batch_size)
+    if path is None or (ck.load_weights_only and path == Path(ck.load)):
+        return 0, 0
+    meta = verify.read_meta_dict(path)
+    if meta.get("extra", {}).get("weights_only"):
+        return 0, 0
+    return meta["iteration"], meta["consumed_samples"]
 
 
 def pretraining_data(cfg: C.ErnieConfig):
@@ -110,14 +131,18 @@ def _build(cfg: C.ErnieConfig, objective: Objective, data_source, stop: StopFlag
     torch.manual_seed(cfg.run.seed)
     G.model_parallel_seed(cfg.run.seed)
     ext = extensions_for(cfg.model, cfg.moe, fp8=cfg.fp8, elastic=cfg.elastic)  # refuses FP8 it cannot run
-    data = (data_source or pretraining_data(cfg))(cfg.model.seq_length, _num_samples(cfg.train))
+    source = resume_source(cfg.checkpoint, Path(cfg.run.dir) / "checkpoints")
+    record = continuation.record_of(cfg.checkpoint, source)
+    start = planned_start(cfg, source, record)
+    data = (data_source or pretraining_data(cfg))(cfg.model.seq_length, _num_samples(cfg.train, start))
     tconfig, model = build_model(cfg.model, cfg.moe, cfg.parallel, groups, data.tokenizer.vocab_size,
                                  cfg.run.seed, ext)
-    optimizer = build_optimizer(cfg.optimizer, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
-    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.schedule, cfg.train.iters)
+    optim_cfg, schedule_cfg = continuation.schedule(cfg, record)
+    optimizer = build_optimizer(optim_cfg, cfg.parallel, model, groups.pgs, bf16=cfg.model.dtype == "bf16")
+    scheduler = build_scheduler(optimizer, optim_cfg, schedule_cfg, cfg.train.iters)
     run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(), NullWriter(),
               ExpertLoadTracker(model), stop, objective)
-    resume(run)
+    resume(run, start)
     # A resumed run's event log continues at its checkpoint: steps a killed run logged after it
     # are purged (TensorBoard's purge_step, as Megatron-LM does), so no step appears twice.
     run.writer = make_writer(cfg.log.tensorboard, groups.is_logging_rank, Path(cfg.run.dir) / "tensorboard",
@@ -151,12 +176,14 @@ def check_resume_source(cfg: C.ErnieConfig) -> None:
     verify.check_model_fits(meta, cfg.model, cfg.moe, path)
 
 
-def resume(run: Run) -> None:
+def resume(run: Run, start: tuple[int, int] = (0, 0)) -> None:
     """Continue from <run>/checkpoints/latest (resume=auto) or else from checkpoint.load.
 
     With checkpoint.load_weights_only (SFT from a base model) checkpoint.load gives only the
     weights: optimizer, schedule, data position and RNG start fresh; a later --resume auto of
-    the same run continues from its own latest checkpoint in full."""
+    the same run continues from its own latest checkpoint in full. A weights-only checkpoint
+    (an import, an extracted sub-network) starts at iteration 0 and at ``start``'s data position
+    (an extracted sub-network's: where its supernet stopped, see train/continuation.py)."""
     ck = run.cfg.checkpoint
     path = resume_source(ck, run.ckpt_root)
     if path is None:
@@ -165,8 +192,9 @@ def resume(run: Run) -> None:
     meta = store.load(path, run.model, run.optimizer if ck.load_optimizer and not from_base else None,
                       restore_rng=not from_base)
     if meta.extra.get("weights_only") or from_base:
-        log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights only')}); "
-                 "fresh optimizer, schedule and data position")
+        run.progress = Progress(0, start[1], 0)
+        log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights only')}); fresh optimizer; "
+                 f"data from sample {start[1]}; LR warms up to {run.scheduler.max_lr:.3g}")
         return
     run.scheduler.load_state_dict(meta.extra["scheduler"])
     run.progress = Progress(meta.iteration, meta.consumed_samples, meta.consumed_tokens)
