@@ -103,3 +103,17 @@ def test_a_continuation_has_data_for_all_its_iterations_after_the_supernets_samp
     assert loop._num_samples(train, (0, 40))[0] == 120  # a continuation from sample 40
     assert loop._num_samples(train, (4, 72))[0] == 120  # the same continuation requeued at its iteration 4
     assert loop._num_samples(train, (4, 32))[0] == 80  # an ordinary resume: unchanged
+
+
+def test_loaded_optimizer_state_does_not_bring_the_sources_lr():
+    """Carried moments (ernie extract --optimizer) come with their param groups' LRs; the
+    continuation's schedule must keep its own (megatron-core's scheduler reads max_lr per group)."""
+    source = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=3e-3)
+    source.param_groups[0].update(max_lr=3e-3, min_lr=3e-4)
+    target = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=2e-4)
+    target.param_groups[0].update(max_lr=2e-4, min_lr=1e-4)
+    bounds = continuation.lr_bounds(target)
+    target.load_state_dict(source.state_dict())
+    assert target.param_groups[0]["max_lr"] == 3e-3  # what loading alone does
+    continuation.restore_lr_bounds(target, bounds)
+    assert [target.param_groups[0][k] for k in ("lr", "max_lr", "min_lr")] == [2e-4, 2e-4, 1e-4]

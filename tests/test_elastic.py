@@ -142,6 +142,46 @@ def test_extracted_model_equals_supernet_subnet(extracted, text):
 
 
 @pytest.mark.slow
+def test_continuation_reads_tokens_the_supernet_did_not(extracted):
+    c = extracted["continuation"]
+    assert c["supernet_consumed"] > 0 and c["record"]["consumed_samples"] == c["supernet_consumed"]
+    assert (c["start"], c["iteration"]) == (c["supernet_consumed"], 0)
+    assert c["supernet_first_batch_seen"] == c["first_batch_size"] > 0  # the comparison does see overlap
+    assert c["first_batch_seen"] == 0  # ... and the continuation's first batch has none
+    assert c["opt_out_start"] == 0 and c["sft_start"] == 0  # load_data_position=false, SFT: from sample 0
+
+
+@pytest.mark.slow
+def test_continuation_lr_stays_at_or_below_the_supernets_final_lr(extracted):
+    c = extracted["continuation"]
+    assert c["record"]["final_lr"] == pytest.approx(c["supernet_final_lr"], rel=1e-12)
+    assert c["supernet_final_lr"] < c["supernet_peak_lr"]  # a jump to the config's peak would show
+    assert len(c["lrs"]) == 20 and c["lrs"][0] <= c["supernet_final_lr"]
+    assert max(c["lrs"]) <= c["supernet_final_lr"] * (1 + 1e-9)
+
+
+@pytest.mark.slow
+def test_extracted_adam_moments_are_the_supernets_sliced_like_the_weights(extracted):
+    m = extracted["moments"]
+    assert m["compared"] == 2 * m["n_params"] > 0
+    assert m["nonzero"] == m["n_params"]  # loaded, not fresh zeros
+    assert m["max_diff"] == 0.0
+    assert m["steps"] == [m["supernet_step"]] and m["supernet_step"] > 0
+
+
+@pytest.mark.slow
+def test_first_continued_step_equals_the_supernets_step_of_that_subnet(extracted):
+    m = extracted["moments"]
+    assert m["lrs"][1] == pytest.approx(m["lrs"][0], rel=1e-12)  # peak fraction 1, no warmup: the same LR
+    assert m["losses"][1] == pytest.approx(m["losses"][0], abs=1e-5)
+    assert m["grad_norms"][1] == pytest.approx(m["grad_norms"][0], rel=1e-4)
+    assert m["step_max_update"] > 1e-5  # the step moves the weights ...
+    # ... as the supernet moves its slice, up to float32 rounding (masked vs sliced sums) that Adam amplifies
+    # where sqrt(v) is tiny: measured 1% of the largest update; fresh moments would differ by ~lr (100%)
+    assert m["step_max_diff"] <= 0.05 * m["step_max_update"]
+
+
+@pytest.mark.slow
 def test_extracted_subnet_exports_to_hugging_face(extracted, tmp_path):
     import torch
     import transformers
@@ -166,6 +206,7 @@ def test_extracted_checkpoint_continues_training_at_another_layout(extracted, tm
                         "--set", f"run.dir=\"{tmp_path / 'cont'}\"", "--set", "train.iters=3",
                         "--set", "train.eval_interval=0", "--set", "log.level=\"INFO\""])
     assert "initialised weights from" in proc.stdout
+    assert f"data from sample {extracted['continuation']['supernet_consumed']};" in proc.stdout
     losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", proc.stdout)]
     assert len(losses) == 3 and losses[0] < 7.0  # a fresh init starts near ln(2048) = 7.6
 

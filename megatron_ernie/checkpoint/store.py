@@ -33,6 +33,8 @@ from megatron_ernie.checkpoint.errors import CheckpointError
 
 LATEST = "latest"
 META = "meta.json"
+# meta.extra flag: a weights-only checkpoint (an extracted sub-network) that also carries Adam moments
+OPTIMIZER_STATE = "optimizer_state"
 # Optimizer state keyed by model parameter, so it reshards like the model.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -207,12 +209,14 @@ def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
     """Load weights (and optimizer state if given and saved) from ``path`` at the current layout.
 
     A ``weights_only`` checkpoint (an import or an extracted sub-network) has no
-    optimizer state: the optimizer keeps its fresh state.
+    optimizer state: the optimizer keeps its fresh state; unless it says it carries
+    ``OPTIMIZER_STATE`` (``ernie extract --optimizer``: the supernet's sliced moments).
     """
     meta = read_meta(path)
     verify_before_load(path)
     if meta.extra.get("weights_only"):
-        optimizer, restore_rng = None, False
+        optimizer = optimizer if meta.extra.get(OPTIMIZER_STATE) else None
+        restore_rng = False
     state = full_state(model_chunks, optimizer, is_loading=True)
     try:
         loaded = dist_checkpointing.load(state, str(path))

@@ -84,9 +84,52 @@ def slice_state_dict(sd: dict, cfg: C.ErnieConfig, s: Subnet) -> dict:
     return out
 
 
-def extract(run, s: Subnet, out_dir: Path) -> tuple[Path, int]:
-    """Build the plain model, fill it with the sliced weights, save; returns (checkpoint, #params)."""
+def adam_states(optimizer) -> dict:
+    """param -> its AdamW state (exp_avg, exp_avg_sq, step), across megatron's (chained) optimizers."""
+    out = {}
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        out.update(opt.optimizer.state)
+    return out
+
+
+def slice_moments(run, s: Subnet) -> dict[str, dict]:
+    """The supernet's Adam state, sliced exactly like its weights: name -> {exp_avg, exp_avg_sq, step}.
+
+    Needs the plain (non-distributed) optimizer, whose state is keyed by parameter (a
+    distributed optimizer holds flat shards of it per data-parallel rank)."""
+    states = adam_states(run.optimizer)
+    params = dict(run.model[0].module.named_parameters())
+    missing = [n for n, p in params.items() if "exp_avg" not in states.get(p, {})]
+    if missing:
+        raise ConfigError("--optimizer", True, f"the supernet's checkpoint holds no Adam state for {missing[0]} "
+                                               f"(and {len(missing) - 1} more); extract without --optimizer")
+    sliced = {key: slice_state_dict({n: states[p][key] for n, p in params.items()}, run.cfg, s)
+              for key in ("exp_avg", "exp_avg_sq")}
+    steps = {float(states[p]["step"]) for p in params.values()}  # every parameter steps every iteration
+    step = max(steps)
+    return {n: {"step": torch.tensor(step), "exp_avg": m, "exp_avg_sq": sliced["exp_avg_sq"][n]}
+            for n, m in sliced["exp_avg"].items()}
+
+
+def fill_moments(sub_optimizer, sub_model, moments: dict[str, dict]) -> None:
+    """Give the extracted model's fresh optimizer the sliced state (its torch AdamW state per parameter),
+    so megatron-core's own sharded_state_dict saves it like any optimizer state."""
+    params = dict(sub_model[0].module.named_parameters())
+    for opt in getattr(sub_optimizer, "chained_optimizers", [sub_optimizer]):
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                name = next((n for n, q in params.items() if q is p), None)
+                if name is None:  # bf16: megatron's optimizer steps fp32 copies, not the model's parameters
+                    raise ConfigError("--optimizer", True, "moments are carried for fp32 models only; "
+                                                           "extract without --optimizer")
+                opt.optimizer.state[p] = {k: v.clone() for k, v in moments[name].items()}
+
+
+def extract(run, s: Subnet, out_dir: Path, with_optimizer: bool = False) -> tuple[Path, int]:
+    """Build the plain model, fill it with the sliced weights (and, ``with_optimizer``, its optimizer
+    with the supernet's Adam moments sliced alike), save; returns (checkpoint, #params)."""
     from megatron_ernie.model.build import build_model
+    from megatron_ernie.train.optim import build_optimizer
 
     cfg = run.cfg
     sub = subnet_config(cfg, s)
@@ -94,6 +137,11 @@ def extract(run, s: Subnet, out_dir: Path) -> tuple[Path, int]:
                                cfg.run.seed)
     sliced = slice_state_dict(run.model[0].module.state_dict(), cfg, s)
     sub_model[0].module.load_state_dict(sliced, strict=True)
+    sub_optimizer = None
+    if with_optimizer:
+        sub_optimizer = build_optimizer(sub.optimizer, sub.parallel, sub_model, run.groups.pgs,
+                                        bf16=sub.model.dtype == "bf16")
+        fill_moments(sub_optimizer, sub_model, slice_moments(run, s))
     n_params = sum(p.numel() for p in sub_model[0].parameters())
     sub = dataclasses.replace(sub, run=dataclasses.replace(sub.run, dir=str(out_dir)),
                               checkpoint=dataclasses.replace(sub.checkpoint, load=""))
@@ -104,8 +152,9 @@ def extract(run, s: Subnet, out_dir: Path) -> tuple[Path, int]:
     meta = store.Meta(iteration=0, consumed_samples=record["consumed_samples"],
                       consumed_tokens=record["consumed_tokens"], layout={"world": 1},
                       extra={"weights_only": True, "source": f"extracted {s} from {cfg.checkpoint.load}",
-                             "config": C.loader.to_dict(sub), continuation.KEY: record})
-    path = store.save(tmp / "checkpoints", meta, sub_model, None,
+                             "config": C.loader.to_dict(sub), continuation.KEY: record,
+                             store.OPTIMIZER_STATE: with_optimizer})
+    path = store.save(tmp / "checkpoints", meta, sub_model, sub_optimizer,
                       files={"config.toml": tmp / "config.toml", "tokenizer.json": tmp / "tokenizer.json"})
     os.replace(tmp, out_dir)
     return out_dir / "checkpoints" / path.name, n_params
@@ -139,12 +188,15 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", required=True, help="a run trained with [elastic] enabled")
     p.add_argument("--subnet", required=True, help='e.g. "depth=3,ffn=0.5,experts=2,topk=1"')
     p.add_argument("--out", required=True, help="new directory for the extracted model (must not exist)")
+    p.add_argument("--optimizer", action="store_true",
+                   help="also carry the supernet's Adam moments, sliced like the weights (plain fp32 optimizer)")
     args = p.parse_args(argv)
     out = Path(args.out)
     check_new_output_dir(out)
-    run = open_supernet(args.run_dir, single_process=True)
+    run = open_supernet(args.run_dir, ["checkpoint.load_optimizer=true"] if args.optimizer else (),
+                        single_process=True)
     s = parse_subnet(args.subnet, run.cfg.model, run.cfg.moe)
-    ckpt, n_params = extract(run, s, out)
+    ckpt, n_params = extract(run, s, out, with_optimizer=args.optimizer)
     vocab = padded_vocab_size(run.data.tokenizer.vocab_size, 1)
     predicted = subnet_size(run.cfg.model, run.cfg.moe, vocab, s, run.cfg.elastic.layer_order).total
     print(f"extracted {s}: {n_params:,} parameters (predicted {predicted:,}) -> {ckpt}")

@@ -71,3 +71,19 @@ def schedule(cfg: C.ErnieConfig, record: dict | None):
     optim = dataclasses.replace(cfg.optimizer, lr=peak, min_lr=min(cfg.optimizer.min_lr, peak))
     warmup = round(cfg.schedule.continue_warmup_fraction * cfg.train.iters)
     return optim, dataclasses.replace(cfg.schedule, warmup_iters=warmup)
+
+
+_LR_KEYS = ("lr", "max_lr", "min_lr")
+
+
+def lr_bounds(optimizer) -> list[dict]:
+    """Each parameter group's LR settings (megatron-core's scheduler reads max_lr/min_lr from the groups)."""
+    return [{k: g[k] for k in _LR_KEYS if k in g} for g in optimizer.param_groups]
+
+
+def restore_lr_bounds(optimizer, bounds: list[dict]) -> None:
+    """Put this run's LR settings back after loading optimizer state into a new run: the state of an
+    extracted checkpoint (``ernie extract --optimizer``) carries the groups it was saved with, whose
+    max_lr would otherwise override the continuation's schedule."""
+    for group, saved in zip(optimizer.param_groups, bounds):
+        group.update(saved)

@@ -189,11 +189,15 @@ def resume(run: Run, start: tuple[int, int] = (0, 0)) -> None:
     if path is None:
         return
     from_base = ck.load_weights_only and path == Path(ck.load)
+    bounds = continuation.lr_bounds(run.optimizer)
     meta = store.load(path, run.model, run.optimizer if ck.load_optimizer and not from_base else None,
                       restore_rng=not from_base)
     if meta.extra.get("weights_only") or from_base:
+        continuation.restore_lr_bounds(run.optimizer, bounds)  # carried moments bring their groups' LRs
         run.progress = Progress(0, start[1], 0)
-        log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights only')}); fresh optimizer; "
+        moments = "carried Adam moments" if meta.extra.get(store.OPTIMIZER_STATE) and ck.load_optimizer \
+            and not from_base else "fresh optimizer"
+        log.info(f"initialised weights from {path} ({meta.extra.get('source', 'weights only')}); {moments}; "
                  f"data from sample {start[1]}; LR warms up to {run.scheduler.max_lr:.3g}")
         return
     run.scheduler.load_state_dict(meta.extra["scheduler"])

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ernie import config as C
+from megatron_ernie.checkpoint import store
 from megatron_ernie.cli import pretrain_objective
 from megatron_ernie.train import loop
 from megatron_ernie.train import step as S
@@ -146,7 +147,102 @@ def scenario_extract(case: dict, tmp: Path) -> dict:
                      "predicted": subnet_size(supernet.cfg.model, supernet.cfg.moe, vocab, s).total,
                      "counted": sum(p.numel() for p in sub.model[0].parameters()), "checkpoint": str(ckpt),
                      "config": str(tmp / f"extracted_{i}" / "config.toml")}
+    out["continuation"] = continuation_facts(supernet, ckpt, tmp / f"extracted_{i}" / "config.toml", tmp)
+    out["moments"] = moment_facts(case["run_dir"], case["subnets"][0], tmp)
     return out
+
+
+def moment_facts(run_dir: str, text: str, tmp: Path) -> dict:
+    """`ernie extract --optimizer`: the continuation's Adam state after loading the extracted checkpoint
+    vs the supernet's, sliced here by hand for the router and each kept expert's projections; then one
+    optimizer step of the continuation vs one step of the supernet set to that sub-network, on the same
+    batch at the same LR (no aux loss: megatron's counts the masked experts, so it differs by design)."""
+    from megatron_ernie.data.loader import BatchLayout, iter_global_batches
+    from megatron_ernie.elastic import extract
+    from megatron_ernie.elastic.model import apply_subnet
+    from megatron_ernie.elastic.session import open_supernet
+    from megatron_ernie.elastic.subnet import kept_channels, kept_layers, layer_ranking, parse_subnet
+
+    supernet = open_supernet(run_dir, ["checkpoint.load_optimizer=true", "moe.aux_loss_coeff=0"],
+                             single_process=True)
+    cfg = supernet.cfg
+    s = parse_subnet(text, cfg.model, cfg.moe)
+    ckpt, _ = extract.extract(supernet, s, tmp / "extracted_opt", with_optimizer=True)
+    cont = loop.setup(C.load(tmp / "extracted_opt" / "config.toml", [
+        f"checkpoint.load=\"{ckpt}\"", "checkpoint.resume=\"none\"", f"run.dir=\"{tmp / 'cont_opt'}\"",
+        "log.tensorboard=false", "schedule.continue_warmup_fraction=0"]))
+    sup = dict(supernet.model[0].module.named_parameters())
+    keep = sorted(kept_layers(s.depth, layer_ranking(cfg.model.num_layers, cfg.elastic.layer_order)))
+    full, width = cfg.moe.expert_ffn_hidden_size, kept_channels(s.ffn, cfg.moe.expert_ffn_hidden_size)
+
+    def by_hand(name, tensor):
+        """The supernet tensor that the extracted model's ``name`` is a slice of, sliced."""
+        if ".router." in name:
+            return tensor[: s.experts]
+        if name.endswith("linear_fc1.weight") and ".experts." in name:
+            return torch.cat([tensor[:width], tensor[full:full + width]])
+        if name.endswith("linear_fc2.weight") and ".experts." in name:
+            return tensor[:, :width]
+        return tensor
+
+    def source(name):
+        parts = name.split(".")
+        return name if parts[1] != "layers" else ".".join(parts[:2] + [str(keep[int(parts[2])])] + parts[3:])
+
+    theirs, ours = extract.adam_states(supernet.optimizer), extract.adam_states(cont.optimizer)
+    named = dict(cont.model[0].module.named_parameters())
+    diffs = [(ours[p][key] - by_hand(n, theirs[sup[source(n)]][key])).abs().max().item()
+             for n, p in named.items() for key in ("exp_avg", "exp_avg_sq")]
+    facts = {"max_diff": max(diffs), "compared": len(diffs), "n_params": len(named),
+             "steps": sorted({float(st["step"]) for st in ours.values()}),
+             "supernet_step": float(next(iter(theirs.values()))["step"]),
+             "nonzero": sum(float(ours[p]["exp_avg_sq"].abs().sum()) > 0 for p in named.values()),
+             "lrs": [supernet.optimizer.param_groups[0]["lr"], cont.optimizer.param_groups[0]["lr"]]}
+    t = cont.cfg.train
+    batch = next(iter_global_batches(cont.data.train, BatchLayout(t.global_batch_size, t.micro_batch_size),
+                                     cont.progress.consumed_samples))
+    for chunk in supernet.model:
+        apply_subnet(chunk, s)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    r_sup = S.train_step(supernet.model, supernet.optimizer, supernet.scheduler, batch, supernet.shape,
+                         supernet.groups)
+    r_sub = S.train_step(cont.model, cont.optimizer, cont.scheduler, batch, cont.shape, cont.groups)
+    moved = [(p.detach() - before[n]).abs().max().item() for n, p in named.items()]
+    step_diffs = [(p.detach() - by_hand(n, sup[source(n)].detach())).abs().max().item() for n, p in named.items()]
+    return {**facts, "losses": [r_sup.loss, r_sub.loss], "grad_norms": [r_sup.grad_norm, r_sub.grad_norm],
+            "step_max_diff": max(step_diffs), "step_max_update": max(moved)}
+
+
+def continuation_facts(supernet, ckpt, config: Path, tmp: Path) -> dict:
+    """What a continuation of an extracted checkpoint starts with: its data position (and whether its
+    first batch holds any sample the supernet trained on), its LRs, and the opt-outs' positions."""
+    from megatron_ernie.data.loader import BatchLayout, iter_global_batches
+
+    def open_continuation(name, extra=()):
+        return loop.setup(C.load(config, [f"checkpoint.load=\"{ckpt}\"", "checkpoint.resume=\"none\"",
+                                          "train.iters=20", f"run.dir=\"{tmp / name}\"", "log.tensorboard=false",
+                                          *extra]))
+
+    def samples(data, start, count):
+        return [tuple(data[k]["tokens"].tolist()) for k in range(start, start + count)]
+
+    cont = open_continuation("cont")
+    t = cont.cfg.train
+    seen = set(samples(supernet.data.train, 0, supernet.progress.consumed_samples))
+    first = next(iter_global_batches(cont.data.train, BatchLayout(t.global_batch_size, t.micro_batch_size),
+                                     cont.progress.consumed_samples))
+    first_samples = [tuple(row.tolist()) for mb in first for row in mb["tokens"]]
+    lrs = []
+    for _ in range(t.iters):  # the LR each continuation step uses (train_step steps the scheduler after it)
+        lrs.append(cont.optimizer.param_groups[0]["lr"])
+        cont.scheduler.step(increment=1)
+    return {"supernet_consumed": supernet.progress.consumed_samples, "supernet_final_lr": supernet.optimizer.param_groups[0]["lr"],
+            "supernet_peak_lr": supernet.cfg.optimizer.lr, "record": store.read_meta(ckpt).extra["continuation"],
+            "start": cont.progress.consumed_samples, "iteration": cont.progress.iteration,
+            "first_batch_size": len(first_samples), "first_batch_seen": sum(x in seen for x in first_samples),
+            "supernet_first_batch_seen": sum(x in seen for x in samples(supernet.data.train, 0, t.global_batch_size)),
+            "lrs": lrs, "opt_out_start": open_continuation("cont_restart", ["checkpoint.load_data_position=false"]).progress.consumed_samples,
+            "sft_start": open_continuation("cont_sft", ["checkpoint.load_weights_only=true"]).progress.consumed_samples}
 
 
 def _full_step(run, batches) -> float:
