@@ -54,12 +54,14 @@ def test_summary_line_says_whether_the_table_is_a_family():
 # warmup, half the steps (the cosine decays over them).  Measured at 150 steps: rho -1.00 on seeds 1234 and 7,
 # largest ahead of smallest by 0.034 and 0.023 nats; the quickstart's 0.05-nat gap needs its full 300 steps
 # (0.111 on seed 1234), so here the ordering is asserted in full and the gap at a level 150 steps reach.
+# CI runs one seed (each run is ~1 minute of a 2-core CI host); the README's family claim rests on the
+# full 300-step recipe measured on several seeds, reported in the issue notes.
 CI_ITERS = 150
 CI_MIN_GAP = 0.015
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1234, 7])
+@pytest.mark.parametrize("seed", [7])
 def test_quickstart_recipe_trains_a_real_family(tmp_path, data_cache, seed):
     run_dir = tmp_path / "run"
     torchrun(2, ["-m", "megatron_ernie.cli", "pretrain", "--config", ROOT / "configs/quickstart_cpu.toml",
