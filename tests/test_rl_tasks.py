@@ -276,3 +276,30 @@ def test_open_ended_examples_demos_and_alphabet():
         t.make_example(0, 0, {"categories": ["planets"]})
     with pytest.raises(ConfigError, match="open_ended accepts only"):
         t.make_example(0, 0, {"colour": 1})
+
+
+def test_reference_answers_longer_than_the_budget_are_reported():
+    """The code task's "max" program is 50 characters: at a 48-token budget (character tokenizer) every
+    "max" prompt is cut before its answer ends, which capped a whole benchmark domain at the other three
+    kinds without a word. The report names the task, the share and the budget that fits."""
+    from megatron_ernie import config as C
+    from megatron_ernie.data.char_tokenizer import CharTokenizer
+    from megatron_ernie.rl.task_tokenizer import answers_over_budget, tokenizer_for
+
+    tasks = '[{name="arithmetic"}, {name="code"}]'
+    demos = [get_task("code").demo(0, k, {}, False).text for k in range(32)]
+    tokenizer = CharTokenizer.train(demos + ["0123456789+-= abcdefghijklmnopqrstuvwxyz"])  # what SFT would write
+    for budget, expected in ((48, 1), (50, 0)):
+        cfg = C.load(overrides=[f"rl.tasks={tasks}", f"rl.sampling.max_new_tokens={budget}"])
+        lines = answers_over_budget(cfg, tokenizer)
+        assert len(lines) == expected, lines
+    line = answers_over_budget(C.load(overrides=[f"rl.tasks={tasks}", "rl.sampling.max_new_tokens=48"]), tokenizer)[0]
+    assert line.startswith("rl.tasks[1] (code): ") and "max_new_tokens = 48" in line and "at least 50" in line
+    kinds_max = sum(1 for text in demos if "max(" in text)
+    assert f"{kinds_max} of 32 reference answers" in line and 0 < kinds_max < 32
+    # RL from scratch: the tasks' own character tokenizer cannot write "*" (only the product programs use
+    # it), so it counts the programs it can write; the "max" ones are among them
+    scratch = C.load(overrides=[f"rl.tasks={tasks}", "rl.sampling.max_new_tokens=48"])
+    [line] = answers_over_budget(scratch, tokenizer_for(scratch))
+    kinds_product = sum(1 for text in demos if "*" in text)
+    assert f"{kinds_max} of {32 - kinds_product} reference answers" in line

@@ -101,18 +101,21 @@ def check_lengths(cfg) -> None:
                           "lower it or raise model.seq_length")
 
 
-def check_tasks_and_tokenizer(cfg, system, tokenizer: bool = True) -> None:
+def check_tasks_and_tokenizer(cfg, system, tokenizer: bool = True, warn: bool = False) -> None:
     """Resolve every task (importing user `module`s) and, in the launcher or controller, the run's tokenizer
     (data.tokenizer or the one inside checkpoint.load) before any process starts. A mistake then costs one
     message and exit 2 from the launcher, instead of surfacing in the controller after every child has
-    started (and been waited on). Every role resolves the tasks too: a Slurm task fails at once, by itself."""
-    from megatron_ernie.rl.task_tokenizer import tokenizer_for
+    started (and been waited on). Every role resolves the tasks too: a Slurm task fails at once, by itself.
+    The controller (`warn`) also says, once, which tasks' reference answers do not fit the response budget."""
+    from megatron_ernie.rl.task_tokenizer import answers_over_budget, tokenizer_for
     from megatron_ernie.rl.tasks import resolve_task
 
     for i, task in enumerate(cfg.rl.tasks):
         resolve_task(task, f"rl.tasks[{i}]")
     if tokenizer:
-        tokenizer_for(cfg, agent=system.agent_max_turns > 1)
+        run_tokenizer = tokenizer_for(cfg, agent=system.agent_max_turns > 1)
+        for line in answers_over_budget(cfg, run_tokenizer) if warn else ():  # once: the controller's log
+            log.warning(f"ernie rl: warning: {line}")
 
 
 # -------------------------------------------------------------- addresses
@@ -354,7 +357,7 @@ def main(argv=None) -> int:
         role, rank, dist_env = _role_from_env(args)
         _hide_gpus_from_cpu_role(role)  # before anything asks torch about CUDA
         cfg, system = load_config(args)
-        check_tasks_and_tokenizer(cfg, system, tokenizer=role in (None, "controller"))
+        check_tasks_and_tokenizer(cfg, system, tokenizer=role in (None, "controller"), warn=role == "controller")
         if role in (None, "controller"):  # before any process starts; teachers check again themselves
             from megatron_ernie.rl.teacher.checkpoints import check_teachers
 

@@ -68,3 +68,36 @@ def checkpoint_tokenizer_path(checkpoint: str) -> str:
         raise ConfigError("checkpoint.load", checkpoint,
                           "has no tokenizer.json: name a checkpoint directory (iter_N) written by this project")
     return path
+
+
+def answers_over_budget(cfg, tokenizer, examples: int = 32) -> list[str]:
+    """One line per single-answer task whose reference answers (its SFT demonstrations) do not all fit
+    rl.sampling.max_new_tokens. A response is cut at the budget, so such a prompt can never be answered
+    in full and the task's reward is capped below 1 for every policy, however well it learns; nothing
+    else reports it (the code task's "max" program is 50 characters, a 48-token budget silently caps
+    the domain at the other three kinds). The first `examples` demonstrations at the task's seed."""
+    from megatron_ernie.rl.tasks import resolve_task
+
+    budget, lines = cfg.rl.sampling.max_new_tokens, []
+    for i, config in enumerate(cfg.rl.tasks):
+        task = resolve_task(config, f"rl.tasks[{i}]")
+        if task.demo is None:
+            continue
+        demos = [task.demo(config.seed, k, dict(config.options), False) for k in range(examples)]
+        lengths = [n for n in (_token_count(tokenizer, d.text) for d in demos if len(d.turns) == 1) if n]
+        over = [n for n in lengths if n > budget]
+        if over:
+            lines.append(f"rl.tasks[{i}] ({config.name}): {len(over)} of {len(lengths)} reference answers need more "
+                         f"than rl.sampling.max_new_tokens = {budget} tokens (up to {max(over)}), so those prompts "
+                         f"can never be answered in full; raise max_new_tokens to at least {max(over)} (and "
+                         "model.seq_length with it if the prompt no longer fits)")
+    return lines
+
+
+def _token_count(tokenizer, text: str) -> int | None:
+    """Tokens of `text`, or None where the tokenizer cannot write it (a character tokenizer built from the
+    tasks' prompts alone, for RL from scratch, lacks characters only the demonstrations use)."""
+    try:
+        return len(tokenizer.encode(text))
+    except ValueError:
+        return None
