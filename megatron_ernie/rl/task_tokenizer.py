@@ -81,10 +81,7 @@ def answers_over_budget(cfg, tokenizer, examples: int = 32) -> list[str]:
     budget, lines = cfg.rl.sampling.max_new_tokens, []
     for i, config in enumerate(cfg.rl.tasks):
         task = resolve_task(config, f"rl.tasks[{i}]")
-        if task.demo is None:
-            continue
-        demos = [task.demo(config.seed, k, dict(config.options), False) for k in range(examples)]
-        lengths = [n for n in (_token_count(tokenizer, d.text) for d in demos if len(d.turns) == 1) if n]
+        lengths = _demo_lengths(task, config, tokenizer, examples)
         over = [n for n in lengths if n > budget]
         if over:
             lines.append(f"rl.tasks[{i}] ({config.name}): {len(over)} of {len(lengths)} reference answers need more "
@@ -101,3 +98,16 @@ def _token_count(tokenizer, text: str) -> int | None:
         return len(tokenizer.encode(text))
     except ValueError:
         return None
+
+
+def _demo_lengths(task, config, tokenizer, examples: int) -> list[int]:
+    """Token lengths of a task's first single-answer demonstrations. RL never needs a demonstration, so a
+    user task whose demo cannot be built (none, or one that fails) is simply not checked: the warning is
+    advice, and must never stop a run that would otherwise work."""
+    if task.demo is None:
+        return []
+    try:
+        demos = [task.demo(config.seed, k, dict(config.options), False) for k in range(examples)]
+    except Exception:  # noqa: BLE001 - a user's demo function, only consulted for advice
+        return []
+    return [n for n in (_token_count(tokenizer, d.text) for d in demos if len(d.turns) == 1) if n]
