@@ -25,6 +25,7 @@ from megatron_ernie import config as C
 from megatron_ernie.config.errors import ConfigError
 from megatron_ernie.config.loader import apply_overrides, build, read_toml
 from megatron_ernie.config.pipeline import PipelineConfig, PipelineFile, StageConfig
+from megatron_ernie.config.slurm import SlurmConfig
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def _scorer_group(raw: dict, role: str, tasks: int) -> dict:
     return out
 
 
-DEFAULT_GPUS_PER_NODE = 8  # SlurmConfig's default node shape
+DEFAULT_GPUS_PER_NODE = SlurmConfig().gpus_per_node  # the node shape a stage config that names none gets
 
 
 def _sized_to_procs(raw: dict, procs: int) -> dict:
