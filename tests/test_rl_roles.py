@@ -64,6 +64,45 @@ def test_reward_role_scores_sandbox_failures_and_keeps_serving():
     assert results["crash"] == 75  # a requeue shutdown exits with EXIT_REQUEUE
 
 
+def test_identical_samples_of_a_deterministic_task_run_once_and_host_failures_run_again():
+    tests = json.dumps({"tests": [{"stdin": "1 2\n", "stdout": "3"}]})
+    right = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    wrong = "```python\nprint(4)\n```"
+    batch = [sample(str(i), "code", text, tests) for i, text in enumerate([right] * 6 + [wrong] * 2)]
+    with RewardWorker(SandboxConfig(wall_s=5, cpu_s=2), concurrency=2) as worker:
+        first = worker.score(batch)
+        assert worker.scored == 2  # one run per distinct program, not eight
+        assert [(s.sample.prompt_id, s.reward, s.status) for s in first] == \
+            [(str(i), 1.0, "ok") for i in range(6)] + [("6", 0.0, "wrong"), ("7", 0.0, "wrong")]
+        again = worker.score(batch[:1] + [sample("x", "code", right, json.dumps({"tests": [
+            {"stdin": "2 2\n", "stdout": "4"}]}))])
+        assert worker.scored == 3  # the remembered verdict is reused; another reference is a new key
+        assert [(s.sample.prompt_id, s.reward) for s in again] == [("0", 1.0), ("x", 1.0)]
+    broken = SandboxConfig(python="/nonexistent/python3")  # every run is a sandbox_error: never remembered
+    with RewardWorker(broken, concurrency=2) as worker:
+        statuses = [s.status for s in worker.score(batch[:3]) + worker.score(batch[:1])]
+        assert statuses == ["sandbox_error"] * 4 and worker.scored == 4
+
+
+def test_user_tasks_are_scored_every_time_unless_they_declare_themselves_deterministic():
+    from megatron_ernie.rl.tasks import TaskExample, register_task
+
+    calls = []
+
+    def reward(response, reference, sandbox):
+        calls.append(response)
+        return float(response == reference)
+
+    make = lambda seed, index, options: TaskExample("q", "a")  # noqa: E731
+    register_task("roles_counting", make, reward, replace=True)
+    register_task("roles_counting_pure", make, reward, replace=True, deterministic=True)
+    with RewardWorker() as worker:
+        worker.score([sample(str(i), "roles_counting", "a", "a") for i in range(4)])
+        assert len(calls) == 4
+        worker.score([sample(str(i), "roles_counting_pure", "a", "a") for i in range(4)])
+        assert len(calls) == 5
+
+
 @pytest.fixture()
 def controller(tmp_path):
     def make(lag: int, per_step: int = 2, steps: int = 3):

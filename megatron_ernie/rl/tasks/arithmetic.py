@@ -59,4 +59,5 @@ def reward(response: str, reference: str, sandbox=None):
     return verify_math(response, reference)
 
 
-register_task("arithmetic", make_example, reward, description=__doc__.splitlines()[0], demo=demo)
+register_task("arithmetic", make_example, reward, description=__doc__.splitlines()[0], demo=demo,
+              deterministic=True)

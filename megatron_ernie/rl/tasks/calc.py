@@ -71,4 +71,5 @@ def reward(response: str, reference: str, sandbox=None):
     return verify_math(response, reference)
 
 
-register_task("calc", make_example, reward, description=__doc__.splitlines()[0], demo=demo)
+register_task("calc", make_example, reward, description=__doc__.splitlines()[0], demo=demo,
+              deterministic=True)

@@ -74,4 +74,5 @@ def reward(response: str, reference: str, sandbox=None):
     return verify_code(response, reference, sandbox)
 
 
-register_task("code", make_example, reward, description=__doc__.splitlines()[0], demo=demo)
+register_task("code", make_example, reward, description=__doc__.splitlines()[0], demo=demo,
+              deterministic=True)

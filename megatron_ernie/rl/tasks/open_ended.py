@@ -108,4 +108,5 @@ def demo(seed: int, index: int, options: dict, wrong: bool = False) -> Demo:
     return Demo.answer(",".join(rng.sample(CATEGORIES[source], opts["count"])))
 
 
-register_task("open_ended", make_example, reward, description=__doc__.splitlines()[0], demo=demo)
+register_task("open_ended", make_example, reward, description=__doc__.splitlines()[0], demo=demo,
+              deterministic=True)

@@ -63,6 +63,9 @@ class Task:
     reward: Callable[[str, str, SandboxConfig], "Verdict | float"]
     description: str = ""
     demo: Callable[[int, int, dict, bool], Demo] | None = None  # optional: SFT demonstrations
+    # the verdict is a function of (response, reference) alone, so a reward process may score
+    # identical samples once (rl/reward/worker.py); off for user tasks unless they say so
+    deterministic: bool = False
 
     def examples(self, seed: int, start: int, count: int, options: dict | None = None) -> list[TaskExample]:
         return [self.make_example(seed, i, dict(options or {})) for i in range(start, start + count)]
@@ -80,13 +83,14 @@ _TASKS: dict[str, Task] = {}
 
 
 def register_task(name: str, make_example, reward, description: str = "", replace: bool = False,
-                  demo=None) -> Task:
-    """Make a task available by name (the `name` of a [[rl.tasks]] entry)."""
+                  demo=None, deterministic: bool = False) -> Task:
+    """Make a task available by name (the `name` of a [[rl.tasks]] entry). `deterministic=True`
+    promises the reward depends only on (response, reference): identical samples are scored once."""
     if not name or not isinstance(name, str):
         raise ValueError(f"task name {name!r}: use a non-empty string")
     if name in _TASKS and not replace:
         raise ValueError(f"task {name!r} is already registered: pick another name or pass replace=True")
-    _TASKS[name] = Task(name, make_example, reward, description, demo)
+    _TASKS[name] = Task(name, make_example, reward, description, demo, deterministic)
     return _TASKS[name]
 
 
