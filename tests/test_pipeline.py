@@ -133,7 +133,10 @@ cfg = sys.argv[sys.argv.index("--config") + 1]
 run = pathlib.Path(cfg).parent
 with open(os.environ["PIPELINE_TEST_LOG"], "a") as log:
     log.write(run.name + "\\n")
+with open(os.environ["PIPELINE_TEST_LOG"] + ".found", "a") as log:  # what --resume auto would pick up
+    log.write(run.name + (":resumes" if (run / "checkpoints").exists() else ":fresh") + "\\n")
 if run.name in os.environ.get("PIPELINE_TEST_FAIL", "").split(","):
+    (run / "checkpoints" / "iter_0000001").mkdir(parents=True, exist_ok=True)  # killed after a save
     sys.exit(3)
 import tomllib
 iters = tomllib.loads(pathlib.Path(cfg).read_text())["train"]["iters"]
@@ -142,6 +145,11 @@ out.mkdir(parents=True, exist_ok=True)
 (out / "tokenizer.json").write_text(json.dumps({"format": "megatron_ernie.char_tokenizer/1", "alphabet": "0123456789-="}))
 (out / "meta.json").write_text("{}")
 """
+
+
+def found(tmp_path) -> list[str]:
+    """Per stage start: whether its directory held checkpoints (--resume auto would resume them)."""
+    return (tmp_path / "ran.log.found").read_text().split()
 
 
 @pytest.fixture
@@ -170,6 +178,11 @@ def test_a_rerun_skips_done_stages_and_force_reruns_a_stage_and_what_follows(tmp
     assert fake_stages()[5:] == ["opd", "general"]
     assert P.main(["--config", path, "--set", "pipeline.general.steps=3"]) == 0  # a changed config reruns
     assert fake_stages()[7:] == ["general"]
+    # ... each from its input, never from the checkpoint the earlier plan left (kept beside it)
+    assert found(tmp_path)[5:] == ["opd:fresh", "general:fresh", "general:fresh"]
+    out = tmp_path / "out"
+    assert (out / "general.previous" / "checkpoints" / "iter_0000002" / "meta.json").is_file()
+    assert sorted(p.name for p in (out / "general" / "checkpoints").iterdir()) == ["iter_0000003"]
 
 
 def test_a_failed_expert_blocks_distillation(tmp_path, fake_stages, monkeypatch, capsys):
@@ -183,6 +196,7 @@ def test_a_failed_expert_blocks_distillation(tmp_path, fake_stages, monkeypatch,
     monkeypatch.setenv("PIPELINE_TEST_FAIL", "")
     assert P.main(["--config", path]) == 0  # the rerun continues where it stopped
     assert fake_stages()[-3:] == ["coder", "opd", "general"]
+    assert found(tmp_path)[-3:] == ["coder:resumes", "opd:fresh", "general:fresh"]
 
 
 def test_only_a_later_stage_needs_the_earlier_outputs(tmp_path, fake_stages, capsys):
@@ -331,3 +345,19 @@ def test_the_cpu_demonstration_renders_as_a_slurm_chain(capsys):
     assert hetjobs == {"sft": 0, "experts/arith": 3, "experts/tools": 3, "experts/coder": 3, "opd": 4,
                        "judge": 0, "general": 4}
     assert "#SBATCH --nodes=1" in jobs["sft"] and "#SBATCH --gpus-per-node=2" in jobs["sft"]
+
+
+def test_a_resubmitted_chain_resumes_only_stages_interrupted_with_the_same_plan(tmp_path):
+    from megatron_ernie.posttrain.manifest import Manifest
+
+    stages = P.plan(*load_pipeline(str(_write_pipeline(tmp_path))))
+    manifest = Manifest(tmp_path / "m.json")
+    for stage in stages:  # the chain as a first submission records it
+        manifest.update(stage.name, status="submitted", config_hash=stage.config_hash, input=stage.input)
+    assert P.fresh_stages(stages, manifest, []) == set()  # the same chain again: every job resumes its own
+    manifest.update("experts/coder", config_hash="another plan")
+    assert P.fresh_stages(stages, manifest, []) == {"experts/coder", "opd", "general"}
+    assert P.fresh_stages(stages, manifest, ["sft"]) == {s.name for s in stages}
+    coder = next(s for s in stages if s.name == "experts/coder")
+    manifest.update("experts/coder", config_hash=coder.config_hash, status="done")
+    assert P.fresh_stages(stages, manifest, []) == {"experts/coder", "opd", "general"}  # done: nothing to resume

@@ -4,8 +4,10 @@
 checkpoint, the tokenizer hash of its input and output, the hash of the
 resolved stage config, the output checkpoint, the scores and the status. A
 stage whose record says "done" with the hashes of the current plan, and whose
-output still exists, is skipped; anything else runs (and resumes from its own
-last checkpoint, since every stage runs with --resume auto). The file is
+output still exists, is skipped; anything else runs. It resumes from its own
+last checkpoint (every stage runs with --resume auto) only when its record
+shows it interrupted with the same config hash and input; a rerun for another
+plan starts over (posttrain/pipeline.py: start_over). The file is
 replaced atomically, so a pipeline killed at any moment leaves a readable
 manifest and loses at most the stage that was running.
 """

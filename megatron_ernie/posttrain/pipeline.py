@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,39 @@ def _check_inputs(stage: Stage, manifest: Manifest, planned: set[str]) -> None:
         if before not in planned and manifest.stages.get(before, {}).get("status") != "done":
             raise ConfigError("--only", group_of(stage), f"stage {stage.name} needs the output of {before}, "
                               f"which has not run; add {before.split('/')[0]} to --only")
+
+
+# ------------------------------------------- resume this plan, or start over
+RESUMABLE = ("running", "failed", "submitted")  # interrupted: the stage's checkpoints are this plan's
+
+
+def resumable(stage: Stage, manifest: Manifest) -> bool:
+    """Whether the stage's own checkpoints belong to this very plan: it was interrupted (killed, failed,
+    or submitted and never recorded done) with the same config hash and the same input."""
+    record = manifest.stages.get(stage.name, {})
+    return (record.get("status") in RESUMABLE and record.get("config_hash") == stage.config_hash
+            and record.get("input") == stage.input)
+
+
+def start_over(stage: Stage) -> None:
+    """A stage rerun for a new plan (another config, a retrained input, --force) must not resume the
+    checkpoint an earlier plan left (--resume auto would pick it up, and a finished one ends at once).
+    Its directory is moved to <dir>.previous, replacing an older one, so nothing is deleted unseen."""
+    if not stage.run_dir.exists():
+        return
+    previous = stage.run_dir.with_name(stage.run_dir.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    stage.run_dir.rename(previous)
+    print(f"[pipeline] {stage.name}: starts over; the earlier plan's run moved to {previous}", flush=True)
+
+
+def fresh_stages(stages: list[Stage], manifest: Manifest, force: list[str]) -> set[str]:
+    """Stages (in plan order) that start over: forced, not resumable, or after one that starts over."""
+    fresh: set[str] = set()
+    for stage in stages:
+        if _forced(stage, force) or not resumable(stage, manifest) or any(b in fresh for b in stage.after):
+            fresh.add(stage.name)
+    return fresh
 
 
 # ------------------------------------------------------------------ local run
@@ -144,6 +178,8 @@ def run_local(stages: list[Stage], manifest: Manifest, force: list[str], paralle
             if not stale and manifest.is_done(stage.name, stage.config_hash, stage.output):
                 print(f"[pipeline] {stage.name}: up to date ({stage.output}), skipped", flush=True)
                 continue
+            if stale or not resumable(stage, manifest):
+                start_over(stage)
             todo.append(stage)
         run_group(todo, manifest, parallel if group == "experts" else 1, scorer)
         ran.update(s.name for s in todo)
@@ -225,7 +261,8 @@ def write_summary(manifest: Manifest, stages: list[Stage], out_dir: Path) -> Non
 
 
 # ---------------------------------------------------------------- Slurm chain
-def submit_chain(stages: list[Stage], dry_run: bool, manifest: Manifest | None = None) -> dict[str, str]:
+def submit_chain(stages: list[Stage], dry_run: bool, manifest: Manifest | None = None,
+                 force: list[str] = ()) -> dict[str, str]:
     """One sbatch per stage, each `afterok` on the stages it starts from; experts are separate jobs
     (Slurm refuses arrays of heterogeneous jobs). With --kill-on-invalid-dep a failed expert cancels
     OPD instead of letting it start without a teacher. Returns stage -> job id, and records each
@@ -234,6 +271,11 @@ def submit_chain(stages: list[Stage], dry_run: bool, manifest: Manifest | None =
     ids: dict[str, str] = {}
     for stage in stages:
         slurm_world_check(stage)
+    if manifest is not None and not dry_run:
+        fresh = fresh_stages(stages, manifest, list(force))
+        for stage in stages:
+            if stage.name in fresh:
+                start_over(stage)
     with tempfile.TemporaryDirectory(prefix="ernie-pipeline-") as scratch:
         for stage in stages:
             _submit_stage(stage, ids, dry_run, manifest, Path(scratch))
@@ -298,7 +340,7 @@ def main(argv=None, scorer=None) -> int:
             print(describe(chosen))
             return 0
         if args.submit:
-            submit_chain(chosen, args.dry_run, manifest)
+            submit_chain(chosen, args.dry_run, manifest, args.force)
             if not args.dry_run:
                 print(f"[pipeline] submitted; job ids in {manifest.path}")
             return 0
