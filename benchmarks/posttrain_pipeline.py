@@ -184,7 +184,7 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
     from megatron_ernie import config as C
     from megatron_ernie.config.pipeline import PipelineFile
     from megatron_ernie.posttrain.manifest import Manifest
-    from megatron_ernie.posttrain.pipeline import run_group
+    from megatron_ernie.posttrain.pipeline import resumable, run_group, start_over
     from megatron_ernie.posttrain.stages import plan
 
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +200,8 @@ def run_seed(pipeline, seed_dir: Path, args) -> dict:
             raise RuntimeError(f"the pipeline of {seed_dir.name} failed (exit {code}); see {seed_dir}/*/stage.log")
         manifest = Manifest(seed_dir / "manifest.json")  # read after the pipeline wrote it: run_group updates it
         if not manifest.is_done(baseline.name, baseline.config_hash, baseline.output):
+            if not resumable(baseline, manifest):  # an earlier plan's baseline is not resumed
+                start_over(baseline)
             run_group([baseline], manifest, 1)
         print(f"[bench] {seed_dir.name}: stages done in {time.time() - started:.0f} s; scoring", flush=True)
     finished = [s for s in [*stages, baseline] if (s.output / "meta.json").is_file()]  # a checkpoint saved at the end
