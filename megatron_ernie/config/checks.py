@@ -71,7 +71,7 @@ def check_elastic_vs_model(elastic, model, moe) -> None:
     top-k, and a width fraction that keeps a whole number of expert FFN channels."""
     if not elastic.enabled:
         return
-    from megatron_ernie.elastic.subnet import kept_channels, layer_ranking
+    from megatron_ernie.elastic.subnet import kept_channels, layer_ranking, target_subnets
 
     limits = {"depth": (model.num_layers, "model.num_layers"), "experts": (max(moe.num_experts, 1), "moe.num_experts"),
               "topk": (max(moe.router_topk, 1), "moe.router_topk")}
@@ -86,17 +86,19 @@ def check_elastic_vs_model(elastic, model, moe) -> None:
                f"{f} x {width} FFN channels is not a whole number; use fractions like "
                f"{sorted({round(k / width, 6) for k in (width // 4, width // 2, width) if k})}")
     layer_ranking(model.num_layers, elastic.layer_order)  # a permutation of the layers, else ConfigError
+    target_subnets(elastic, model, moe)  # every elastic.targets entry is a sub-network of this model
 
 
 def check_elastic_vs_parallel(elastic, model, moe, par) -> None:
     """Every pipeline stage must keep at least one layer in every allowed depth."""
     if not elastic.enabled:
         return
-    from megatron_ernie.elastic.subnet import choices, kept_layers, layer_ranking
+    from megatron_ernie.elastic.subnet import choices, kept_layers, layer_ranking, target_subnets
 
     ranking = layer_ranking(model.num_layers, elastic.layer_order)
     per_stage = model.num_layers // (par.pipeline * par.virtual_pipeline)
-    for depth in choices(elastic, model, moe)["depth"]:
+    depths = {*choices(elastic, model, moe)["depth"], *(t.depth for t in target_subnets(elastic, model, moe))}
+    for depth in sorted(depths):
         keep = kept_layers(depth, ranking)
         stages = {i // per_stage for i in keep}
         require(len(stages) == par.pipeline * par.virtual_pipeline, "elastic.depth", depth,

@@ -5,6 +5,12 @@ model" on that axis.  Values name the *kept* size: ``depth`` layers kept,
 ``ffn`` fraction of every expert's FFN width kept (a prefix of its channels),
 ``experts`` experts kept (a prefix: the router only sees the first ones) and
 ``topk`` experts per token.
+
+The recipe knobs (issue 13): ``targets`` are deployment sub-networks trained
+every step as themselves; ``distill_ramp_iters`` / ``distill_gate`` schedule
+the in-place distillation; ``open_after`` trains only the largest sub-network
+first (Once-for-All: train the full network, reorder by importance with
+``ernie reorder``, then open the axes).
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ class ElasticConfig:
     progressive: tuple[str, ...] = ()  # open these axes one after another (progressive shrinking)
     progressive_interval: int = 0  # iterations per progressive phase
     eval_subnets: int = 8  # sub-networks evaluated in the family table at the end of a run
+    targets: tuple[str, ...] = ()  # deployment sub-networks ("depth=4,ffn=0.5,experts=2,topk=1") trained every step
+    sandwich_smallest: bool = True  # train the smallest sub-network every step (false: largest, targets, random)
+    distill_ramp_iters: int = 0  # KL weight rises linearly 0 -> distill_weight over these iterations (0: constant)
+    distill_gate: bool = False  # per token: distil only where the largest's CE is lower than the sub-network's
+    open_after: int = 0  # before this iteration only the largest is trained (axes closed); phases count from it
 
     def validate(self, path: str) -> None:
         if not self.enabled:
@@ -43,4 +54,29 @@ class ElasticConfig:
         require(not bad, f"{path}.progressive", self.progressive, f"axes are {AXES}")
         require(not self.progressive or self.progressive_interval > 0, f"{path}.progressive_interval",
                self.progressive_interval, "set the iterations per phase when progressive is used")
+        require(self.distill_ramp_iters >= 0, f"{path}.distill_ramp_iters", self.distill_ramp_iters,
+                "must be >= 0 (0 = the constant distill_weight from the first step)")
+        require(self.open_after >= 0, f"{path}.open_after", self.open_after,
+                "must be >= 0 (0 = the axes are open from the first step)")
+        for entry in self.targets:
+            check_target_syntax(entry, f"{path}.targets")
+
+
+TARGET_EXAMPLE = "depth=4,ffn=0.5,experts=2,topk=1"
+
+
+def check_target_syntax(entry: str, field: str) -> None:
+    """One target: comma-separated axis=number pairs (elastic/subnet.py parse_subnet); the model
+    checks (sizes within the supernet) run in config/checks.py, which knows the model."""
+    pairs = [p.strip() for p in str(entry).split(",") if p.strip()]
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        require(key.strip() in AXES and raw.strip() != "", field, entry,
+                f"write each target like \"{TARGET_EXAMPLE}\" (axes {AXES}; missing axes = full size)")
+        try:
+            float(raw)
+        except ValueError:
+            require(False, field, entry, f"{key.strip()} needs a number, got {raw.strip()!r}")
+    require(bool(pairs), field, entry, f"an empty target is the full model (always trained); write it like "
+                                       f"\"{TARGET_EXAMPLE}\" or remove it")
 

@@ -7,6 +7,13 @@ They behave exactly like their parents until a sub-network is set:
 * ``ElasticTopKRouter``: scores only the first ``active_experts`` experts
   (the others get the lowest logit and are never selected) and routes each
   token to ``topk`` of them; softmax is over the selected experts as usual.
+  Its load-balancing loss is that of a router with only the kept experts:
+  megatron-core's losses are ``num_experts * sum_i f_i P_i`` with
+  ``num_experts = config.num_moe_experts``; the masked experts have P_i = 0
+  and f_i = 0, so the sum is the kept experts' and only the factor is wrong
+  (E instead of E').  ``get_aux_loss_coeff`` scales the coefficient by E'/E,
+  which makes the loss (and its gradient) exactly the E'-expert router's;
+  the logged value is unscaled to match.
 * ``ExpertWidthMask``: a forward pre-hook on an expert's ``linear_fc2`` that
   zeroes intermediate channels at or beyond the kept width.  Zeroed channels
   contribute nothing forward and receive no gradient, so the computation is
@@ -41,6 +48,24 @@ class ElasticTopKRouter(ErnieTopKRouter):
         dropped = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         dropped[self.active_experts:] = True
         return logits.masked_fill(dropped, torch.finfo(logits.dtype).min)
+
+    def kept_share(self) -> float:
+        """E'/E: the kept experts' share of all experts (1 with none masked)."""
+        if self.active_experts is None or self.active_experts >= self.num_experts:
+            return 1.0
+        return self.active_experts / self.num_experts
+
+    def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
+        coeff = super().get_aux_loss_coeff(aux_loss_type)
+        return coeff * self.kept_share()
+
+    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss, aux_loss_name,
+                                           reduce_group, reduce_group_has_dp=False, valid_token_count=None):
+        # megatron logs aux_loss / coeff: pass the unscaled coefficient so the log shows the kept
+        # experts' loss E' * sum f_i P_i (the coefficient is only used for that division)
+        return super().attach_and_log_load_balancing_loss(
+            activation, aux_loss_coeff / self.kept_share(), aux_loss, aux_loss_name, reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
 
 
 class ExpertWidthMask:

@@ -17,6 +17,13 @@ when the layer alone is skipped), written as ``elastic.layer_order``.
 
 Runs in one process at TP1/PP1/EP1 with the plain (non-distributed)
 optimizer, whose state is keyed by parameter and reshards to any layout.
+
+Reordering must come before the prefixes are trained: once sub-networks that
+keep fewer experts or channels (or, with ``--layers``, fewer layers) have been
+trained, moving others into the kept prefix throws their training away.  So a
+checkpoint whose run already opened those axes is refused; the recipe is
+``elastic.open_after = N`` (only the largest trains before N), stop at N
+(``train.exit_interval = N``), ``ernie reorder``, then resume the same config.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 import torch
 
 from megatron_ernie import config as C
+from megatron_ernie.checkpoint import store
 from megatron_ernie.config.errors import ConfigError
 
 
@@ -132,6 +140,25 @@ def reorder(run) -> dict:
     return moved
 
 
+def check_axes_closed(elastic, model, moe, iteration: int, layers: bool, run_dir) -> None:
+    """Refuse to reorder a checkpoint (at ``iteration``) whose run has trained sub-networks that
+    the reorder would change: fewer experts or FFN channels, and fewer layers with ``--layers``.
+    An axis counts only if the run shrinks it (``elastic_axes``) and a step before the checkpoint
+    had it open (``open_after`` / ``progressive``)."""
+    from megatron_ernie.elastic.subnet import axes_trained_open, elastic_axes
+
+    moved = {"experts", "ffn"} | ({"depth"} if layers else set())
+    opened = sorted(moved & elastic_axes(elastic, model, moe) & axes_trained_open(elastic, iteration))
+    if opened:
+        raise ConfigError("--run-dir", str(run_dir), (
+            f"its checkpoint at iteration {iteration} was trained with the axes {opened} open "
+            f"(elastic.open_after = {elastic.open_after}); reordering now would move untrained experts/channels"
+            f"{'/layers' if layers else ''} into the sub-networks already trained on them. Train with "
+            f"elastic.open_after = N (only the largest trains before N; stop there with train.exit_interval = N), "
+            f"run `ernie reorder` on the checkpoint at iteration <= N, then resume the same config to "
+            f"train.iters with the axes open"))
+
+
 def main(argv=None) -> int:
     from megatron_ernie.elastic.objective import ElasticObjective
     from megatron_ernie.elastic.session import SINGLE_PROCESS, supernet_config
@@ -145,6 +172,7 @@ def main(argv=None) -> int:
     run_dir = Path(args.run_dir)
     cfg, latest = supernet_config(run_dir, [*SINGLE_PROCESS, "checkpoint.load_optimizer=true"])
     saved = C.load(run_dir / "config.toml")
+    check_axes_closed(saved.elastic, saved.model, saved.moe, store.read_meta(latest).iteration, args.layers, run_dir)
     if saved.parallel.distributed_optimizer:
         raise ConfigError("parallel.distributed_optimizer", True, "reorder needs the plain optimizer's "
                           "per-parameter state; reorder before enabling the distributed optimizer")

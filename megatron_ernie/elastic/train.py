@@ -11,6 +11,14 @@ In-place distillation (Once-for-All): the largest sub-network's logits on a
 micro-batch are kept (detached) on the last pipeline stage and the smaller
 ones learn ``(1-a)*CE(labels) + a*KL(largest || sub)`` per token.  The KL is
 computed on vocabulary-parallel logits without gathering the vocabulary.
+
+The distillation gate (``elastic.distill_gate``) decides per token: a smaller
+member distils only where the largest's CE on that token is lower than its
+own (a teacher that is not better there teaches nothing) and learns plain CE
+elsewhere.  Per token, not per micro-batch, so the objective does not depend
+on how tokens are split into micro-batches or data-parallel ranks; both CEs
+are full-vocabulary values (reduced over TP), so every TP rank takes the same
+decision.
 """
 
 from __future__ import annotations
@@ -27,20 +35,22 @@ from megatron_ernie.elastic.subnet import Subnet
 from megatron_ernie.model.vocab_parallel import vocab_parallel_kl
 from megatron_ernie.train import step as S
 
-ROLES = ("largest", "smallest", "random")
+ROLES = ("largest", "smallest", "target", "random")
 
 
 @dataclass
 class TeacherCache:
-    """Largest sub-network logits per data micro-batch, freed after its last user."""
+    """Largest sub-network logits and per-token CE per data micro-batch, freed after its last user."""
 
     users: int
     logits: dict
 
-    def put(self, mb: int, logits) -> None:
-        self.logits[mb] = [logits.detach(), self.users]
+    def put(self, mb: int, logits, ce) -> None:
+        if self.users:
+            self.logits[mb] = [(logits.detach(), ce.detach()), self.users]
 
     def take(self, mb: int):
+        """(logits, per-token CE) of the largest on micro-batch ``mb``."""
         entry = self.logits[mb]
         entry[1] -= 1
         if entry[1] == 0:
@@ -48,26 +58,52 @@ class TeacherCache:
         return entry[0]
 
 
-def _loss(batch, cache: TeacherCache, distill: float, tp_group, logits):
+@dataclass(frozen=True)
+class Distill:
+    """How the smaller members learn from the largest: KL weight and the per-token gate."""
+
+    weight: float
+    gate: bool = False
+
+
+def distilled_loss(ce, kl, teacher_ce, distill: Distill):
+    """Per-token loss of a smaller member and where distillation applied (bool per token).
+
+    ``(1-a)*CE + a*KL`` where the gate is open; with the gate on it is open only where the
+    largest's CE is strictly lower than the member's own, and the token's loss is plain CE
+    elsewhere."""
+    if distill.gate:
+        open_ = teacher_ce < ce.detach()
+    else:
+        open_ = torch.ones_like(ce, dtype=torch.bool)
+    a = distill.weight * open_.to(ce.dtype)
+    return (1 - a) * ce + a * kl, open_
+
+
+def _loss(batch, cache: TeacherCache, distill: Distill, tp_group, logits):
     labels, mask = batch["labels"], batch["loss_mask"].float()
     # megatron's vocab-parallel CE rewrites its input in place: give it a copy, the
     # logits are still needed for the KL and (largest) as the teacher
     ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float().clone(), labels)
+    extra = {}
     if batch["role"] == "largest":
-        cache.put(batch["mb"], logits)
+        cache.put(batch["mb"], logits, ce)
         per_token, kl = ce, torch.zeros_like(ce)
     else:
-        kl = vocab_parallel_kl(logits, cache.take(batch["mb"]), tp_group) if distill > 0 else torch.zeros_like(ce)
-        per_token = (1 - distill) * ce + distill * kl
+        teacher, teacher_ce = cache.take(batch["mb"])
+        kl = vocab_parallel_kl(logits, teacher, tp_group) if distill.weight > 0 else torch.zeros_like(ce)
+        per_token, open_ = distilled_loss(ce, kl, teacher_ce, distill)
+        if distill.gate:
+            extra["distill_gate_open"] = torch.stack([(open_.float() * mask).sum(), mask.sum()])
     total = (per_token * mask).sum()
     count = mask.sum()
     ce_sum, kl_sum = (ce.detach() * mask).sum(), (kl.detach() * mask).sum()
     return total, count.to(torch.int), {"lm loss": torch.stack([total.detach(), count]),
                                         f"loss/{batch['role']}": torch.stack([ce_sum, count]),
-                                        "distill": torch.stack([kl_sum, count])}
+                                        "distill": torch.stack([kl_sum, count]), **extra}
 
 
-def make_forward_step(cache: TeacherCache, distill: float, tp_group):
+def make_forward_step(cache: TeacherCache, distill: Distill, tp_group):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         apply_subnet(model, batch["subnet"])
@@ -83,7 +119,7 @@ def sandwich_batches(batches: list, sampled: list[tuple[str, Subnet]]) -> list:
 
 
 def _reduce(loss_dicts, groups) -> dict[str, float]:
-    keys = ["lm loss", "distill", *(f"loss/{r}" for r in ROLES)]
+    keys = ["lm loss", "distill", "distill_gate_open", *(f"loss/{r}" for r in ROLES)]
     totals = torch.zeros(len(keys), 2)
     for d in loss_dicts:
         for i, k in enumerate(keys):
@@ -97,7 +133,10 @@ def _reduce(loss_dicts, groups) -> dict[str, float]:
 
 
 def elastic_train_step(model_chunks, optimizer, scheduler, batches, shape, groups, sampled, distill):
-    """Sandwich step; returns (StepResult over all sub-networks, per-role losses)."""
+    """Sandwich step; returns (StepResult over all sub-networks, per-role losses).
+
+    ``distill``: a ``Distill`` (or a bare KL weight: no gate)."""
+    distill = distill if isinstance(distill, Distill) else Distill(float(distill))
     num_mb, seq, micro = shape
     cache = TeacherCache(users=len(sampled) - 1, logits={})
     for chunk in model_chunks:
