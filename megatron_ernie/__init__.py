@@ -15,3 +15,9 @@ _warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 _warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
 _warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
 _warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated")
+
+# megatron-core's import wraps its fused functions in torch.compile, which imports torch's
+# compiler stack at once; defer that to a first call (runtime/mcore_import.py)
+from megatron_ernie.runtime import mcore_import as _mcore_import  # noqa: E402
+
+_mcore_import.install()
