@@ -13,4 +13,4 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q -e '.[cpu,test]'
 bash .ci/slurm_cluster.sh install
 export ERNIE_TEST_DATA_CACHE=${ERNIE_TEST_DATA_CACHE:-$(mktemp -d)/ernie-data}
-exec python3 -m pytest -q -p no:cacheprovider --durations=15 "$@"
+exec python3 -m pytest -q -p no:cacheprovider --durations=40 "$@"
