@@ -91,6 +91,284 @@ def test_budget_selection():
         search.best_under_budget(rows, "active", 4)
 
 
+# ------------------------------------------------ the recipe (issue 13, item 3)
+TARGETS = ["depth=3,ffn=0.5,experts=2,topk=1", "experts=2"]
+
+
+def _elastic(*overrides):
+    cfg = C.load(ROOT / "configs/tiny_cpu.toml", list(overrides))
+    C.validate(cfg)
+    return cfg
+
+
+def _sandwich(cfg, iteration, seed=1):
+    from megatron_ernie.elastic.subnet import target_subnets
+
+    axes = choices(cfg.elastic, cfg.model, cfg.moe)
+    return sample_step(cfg.elastic, axes, iteration, seed, target_subnets(cfg.elastic, cfg.model, cfg.moe))
+
+
+def test_targets_are_trained_every_step_after_largest_and_smallest():
+    cfg = _elastic(f"elastic.targets={TARGETS!r}".replace("'", '"'), "elastic.sandwich_random=2")
+    want = [Subnet(3, 0.5, 2, 1), Subnet(4, 1.0, 2, 2)]
+    for it in range(12):
+        members = _sandwich(cfg, it)
+        assert [r for r, _ in members] == ["largest", "smallest", "target", "target", "random", "random"]
+        assert [s for _, s in members[:4]] == [Subnet(4, 1.0, 4, 2), Subnet(2, 0.5, 2, 1), *want]
+    # the random members are drawn exactly as without targets (same seed, same stream)
+    plain = _elastic("elastic.sandwich_random=2")
+    assert [_sandwich(cfg, i)[4:] for i in range(12)] == [_sandwich(plain, i)[2:] for i in range(12)]
+
+
+def test_sandwich_without_smallest_is_largest_targets_random():
+    cfg = _elastic('elastic.targets=["depth=2,ffn=0.5,experts=2,topk=1", "depth=3"]', "elastic.sandwich_smallest=false")
+    for it in range(5):
+        members = _sandwich(cfg, it)
+        assert [r for r, _ in members] == ["largest", "target", "target", "random"]
+        assert [s for _, s in members[1:3]] == [Subnet(2, 0.5, 2, 1), Subnet(3, 1.0, 4, 2)]
+    # a target equal to the smallest (or largest) is not trained twice
+    twice = _elastic('elastic.targets=["depth=2,ffn=0.5,experts=2,topk=1", "depth=4"]')
+    assert [r for r, _ in _sandwich(twice, 0)] == ["largest", "smallest", "random"]
+
+
+def test_open_after_trains_only_the_largest_then_opens_progressive_phases_from_it():
+    cfg = _elastic('elastic.targets=["depth=3,ffn=0.5,experts=2,topk=1", "ffn=0.5"]', "elastic.open_after=5",
+                   'elastic.progressive=["depth", "ffn"]', "elastic.progressive_interval=10")
+    big = Subnet(4, 1.0, 4, 2)
+    for it in range(5):
+        assert _sandwich(cfg, it) == [("largest", big)]
+    # phase 0 (iterations 5..14): depth only; the first target keeps its depth, the rest is the largest's;
+    # the second target (ffn only) is then the largest itself and is not trained twice
+    for it in (5, 14):
+        members = _sandwich(cfg, it)
+        assert [r for r, _ in members] == ["largest", "smallest", "target", "random"]
+        assert members[1][1] == Subnet(2, 1.0, 4, 2) and members[2][1] == Subnet(3, 1.0, 4, 2)
+        assert all(s.ffn == 1.0 and s.experts == 4 for _, s in members)
+    # phase 1 (from 15 = open_after + interval): ffn opens
+    members = _sandwich(cfg, 15)
+    assert [s for r, s in members if r != "random"] == [big, Subnet(2, 0.5, 4, 2), Subnet(3, 0.5, 4, 2),
+                                                       Subnet(4, 0.5, 4, 2)]
+
+
+def test_open_after_without_progressive_opens_every_axis_at_once():
+    cfg = _elastic('elastic.targets=["depth=3,ffn=0.5,experts=2,topk=1"]', "elastic.open_after=3",
+                   "elastic.sandwich_random=0")
+    assert [len(_sandwich(cfg, it)) for it in range(5)] == [1, 1, 1, 3, 3]
+    assert _sandwich(cfg, 3)[1:] == [("smallest", Subnet(2, 0.5, 2, 1)), ("target", Subnet(3, 0.5, 2, 1))]
+
+
+def test_distillation_weight_ramps_linearly_then_stays():
+    from megatron_ernie.elastic.objective import distill_weight_at
+
+    ramp = _elastic("elastic.distill_ramp_iters=4", "elastic.distill_weight=0.8").elastic
+    assert [distill_weight_at(ramp, i) for i in range(7)] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
+    flat = _elastic("elastic.distill_weight=0.3").elastic
+    assert [distill_weight_at(flat, i) for i in (0, 1, 100)] == [0.3, 0.3, 0.3]
+
+
+@pytest.mark.parametrize("overrides,field,words", [
+    (['elastic.targets=["depth=3,width=0.5"]'], "elastic.targets", ["depth=3,width=0.5", "depth=4,ffn=0.5"]),
+    (['elastic.targets=["depth=three"]'], "elastic.targets", ["depth needs a number"]),
+    (['elastic.targets=[""]'], "elastic.targets", ["empty target"]),
+    (['elastic.targets=["depth=6"]'], "elastic.targets", ["depth=6", "model.num_layers=4"]),
+    (['elastic.targets=["experts=8,topk=1"]'], "elastic.targets", ["moe.num_experts=4"]),
+    (['elastic.targets=["ffn=0.3"]'], "elastic.targets", ["whole number"]),
+    (['elastic.targets=["experts=1"]'], "elastic.targets", ["top-k", "experts kept (1)"]),
+    (["elastic.distill_ramp_iters=-1"], "elastic.distill_ramp_iters", [">= 0"]),
+    (["elastic.open_after=-2"], "elastic.open_after", [">= 0"]),
+])
+def test_bad_recipe_options_are_clear_errors(overrides, field, words):
+    with pytest.raises(ConfigError) as err:
+        _elastic(*overrides)
+    assert err.value.field == field
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_target_depth_must_keep_a_layer_on_every_pipeline_stage():
+    cfg = C.load(ROOT / "configs/tiny_cpu.toml", ['elastic.targets=["depth=1"]', "parallel.pipeline=2",
+                                                   "parallel.expert=1"])
+    with pytest.raises(ConfigError) as err:
+        C.validate(cfg, world_size=2)
+    assert err.value.field == "elastic.depth" and err.value.value == 1
+
+
+@pytest.fixture(scope="module")
+def megatron_one_rank():
+    """gloo world of one rank + megatron-core TP=PP=1 (as tests/test_fp8.py); torn down if created here."""
+    import os
+    import socket
+
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_ernie.runtime import cpu_compat
+
+    cpu_compat.apply()
+    created_pg = not torch.distributed.is_initialized()
+    if created_pg:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(sock.getsockname()[1])
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    created_mp = not parallel_state.model_parallel_is_initialized()
+    if created_mp:
+        parallel_state.initialize_model_parallel(1, 1)
+    yield parallel_state
+    if created_mp:
+        parallel_state.destroy_model_parallel()
+    if created_pg:
+        torch.distributed.destroy_process_group()
+
+
+def _gate_logits():
+    """4 tokens over a 5-word vocabulary, labels 0..3: the teacher is sure and right on tokens 0 and 2,
+    sure and wrong on tokens 1 and 3; the student is lukewarm everywhere."""
+    import torch
+
+    labels = torch.tensor([[0, 1, 2, 3]])
+    teacher = torch.full((1, 4, 5), -2.0)
+    student = torch.zeros(1, 4, 5)
+    for t, lab in enumerate(labels[0].tolist()):
+        teacher[0, t, lab if t % 2 == 0 else 4] = 4.0
+        student[0, t, lab] = 1.0
+    return labels, teacher, student
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_distillation_gate_mixes_ce_and_kl_per_token(megatron_one_rank, gate):
+    import torch
+    import torch.nn.functional as F
+
+    from megatron_ernie.elastic.train import Distill, TeacherCache, _loss
+
+    labels, teacher, student = _gate_logits()
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # token 3 is padding
+    cache, a = TeacherCache(users=1, logits={}), 0.4
+    distill = Distill(a, gate)
+    batch = {"labels": labels, "loss_mask": mask, "mb": 0}
+    _loss({**batch, "role": "largest"}, cache, distill, None, teacher)
+    student = student.requires_grad_()
+    total, count, logged = _loss({**batch, "role": "target"}, cache, distill, None, student)
+    # by hand
+    ce = -F.log_softmax(student, -1).gather(-1, labels[..., None])[..., 0]
+    t_ce = -F.log_softmax(teacher, -1).gather(-1, labels[..., None])[..., 0]
+    p_t = F.softmax(teacher, -1)
+    kl = (p_t * (F.log_softmax(teacher, -1) - F.log_softmax(student, -1))).sum(-1)
+    open_ = (t_ce < ce) if gate else torch.ones(1, 4, dtype=torch.bool)
+    assert open_.tolist() == ([[True, False, True, False]] if gate else [[True] * 4])
+    per_token = torch.where(open_, (1 - a) * ce + a * kl, ce)
+    assert total.item() == pytest.approx((per_token * mask).sum().item(), rel=1e-6)
+    assert int(count) == 3 and logged["loss/target"].tolist() == pytest.approx([(ce * mask).sum().item(), 3])
+    if gate:  # open on token 0 and 2 of the 3 real tokens
+        assert logged["distill_gate_open"].tolist() == [2.0, 3.0]
+        # a closed token learns plain CE: its gradient is softmax - onehot
+        total.backward()
+        want = F.softmax(student.detach()[0, 1], -1) - F.one_hot(labels[0, 1], 5)
+        assert torch.allclose(student.grad[0, 1], want, atol=1e-6)
+    else:
+        assert "distill_gate_open" not in logged
+    assert cache.logits == {}  # freed after its last user
+
+
+def _router(num_experts, kind):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ernie.elastic.modules import ElasticTopKRouter
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, num_moe_experts=num_experts,
+                            moe_router_topk=1, moe_aux_loss_coeff=0.1, moe_router_load_balancing_type=kind,
+                            moe_router_pre_softmax=True, use_cpu_initialization=True, add_bias_linear=False)
+    router = ElasticTopKRouter(cfg, ProcessGroupCollection.use_mpu_process_groups())
+    router.set_layer_number(1)
+    return router.train()
+
+
+def _aux_loss_and_grad(router, x):
+    """The logged load-balancing loss and the router weight's gradient from the aux loss alone."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    tracker.clear()
+    probs, _ = router(x)
+    (probs.sum() * 0).backward()  # the main loss contributes nothing: the gradient is the aux loss's
+    (logged,) = [v["values"][0].item() for v in tracker.values()]
+    tracker.clear()
+    return logged, router.weight.grad
+
+
+@pytest.mark.parametrize("kind", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_router_load_balancing_loss_is_the_kept_experts_router(megatron_one_rank, kind, seed):
+    import torch
+
+    torch.manual_seed(seed)
+    masked, plain = _router(4, kind), _router(2, kind)
+    with torch.no_grad():
+        plain.weight.copy_(masked.weight[:2])
+    masked.active_experts = 2
+    x = torch.randn(6, 3, 8)
+    loss_m, grad_m = _aux_loss_and_grad(masked, x)
+    loss_p, grad_p = _aux_loss_and_grad(plain, x)
+    assert loss_m == pytest.approx(loss_p, rel=1e-6) and loss_p > 0.5  # megatron's would be 2x (E/E')
+    assert grad_p.abs().max() > 0
+    assert torch.allclose(grad_m[:2], grad_p, rtol=1e-5, atol=1e-9)
+    assert grad_m[2:].abs().max() == 0  # masked experts learn nothing
+    masked.active_experts = None  # all experts: the coefficient is megatron's own
+    assert masked.get_aux_loss_coeff(kind) == 0.1
+
+
+def _fake_run(tmp_path, iteration, overrides):
+    """A run directory (config.toml + a checkpoint's meta.json) as `ernie reorder` reads it."""
+    import json
+
+    cfg = C.load(ROOT / "configs/tiny_cpu.toml", [f'run.dir="{tmp_path}"', *overrides])
+    C.save_resolved(cfg, tmp_path)
+    latest = tmp_path / "checkpoints" / f"iter_{iteration:07d}"
+    latest.mkdir(parents=True)
+    (latest / "meta.json").write_text(json.dumps({"iteration": iteration, "consumed_samples": 0,
+                                                  "consumed_tokens": 0, "layout": {}, "extra": {}}))
+    return cfg, latest
+
+
+class _Opened(Exception):
+    pass
+
+
+@pytest.mark.parametrize("iteration,overrides,layers,refused", [
+    (10, [], False, ["experts", "ffn"]),  # axes open from step 0
+    (10, ["elastic.open_after=10"], True, None),  # reordered at open_after: nothing trained open yet
+    (11, ["elastic.open_after=10"], False, ["experts", "ffn"]),
+    (11, ["elastic.open_after=10"], True, ["depth", "experts", "ffn"]),
+    (11, ["elastic.open_after=10", "elastic.experts=[]", "elastic.ffn=[]"], False, None),  # not elastic there
+    (11, ["elastic.open_after=10", "elastic.experts=[]", "elastic.ffn=[]"], True, ["depth"]),
+    (11, ["elastic.open_after=10", "elastic.experts=[]", "elastic.ffn=[]", 'elastic.targets=["experts=2"]'],
+     False, ["experts"]),  # a target makes the axis elastic
+    # progressive from open_after: depth opens at 10, ffn at 20, experts at 30
+    (20, ["elastic.open_after=10", 'elastic.progressive=["depth", "ffn", "experts"]',
+          "elastic.progressive_interval=10"], False, None),
+    (21, ["elastic.open_after=10", 'elastic.progressive=["depth", "ffn", "experts"]',
+          "elastic.progressive_interval=10"], False, ["ffn"]),
+])
+def test_reorder_refuses_runs_whose_axes_are_open(tmp_path, monkeypatch, iteration, overrides, layers, refused):
+    from megatron_ernie.elastic import reorder, session
+    from megatron_ernie.train import loop
+
+    cfg, latest = _fake_run(tmp_path, iteration, overrides)
+    monkeypatch.setattr(session, "supernet_config", lambda run_dir, extra=(): (cfg, latest))
+    monkeypatch.setattr(loop, "setup", lambda *a, **k: (_ for _ in ()).throw(_Opened()))
+    argv = ["--run-dir", str(tmp_path)] + (["--layers"] if layers else [])
+    if refused is None:
+        with pytest.raises(_Opened):  # past the check: it goes on to open the supernet
+            reorder.main(argv)
+        return
+    with pytest.raises(ConfigError) as err:
+        reorder.main(argv)
+    text = str(err.value)
+    assert err.value.field == "--run-dir" and f"at iteration {iteration} " in text
+    assert f"axes {refused} open" in text and "elastic.open_after = N" in text and "iteration <= N" in text
+
+
 # --------------------------------------------------------- multi-process runs
 LAYOUTS = {
     "dp4": [], "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pipeline=2"],
