@@ -41,7 +41,12 @@ def _load_job(args) -> C.ErnieConfig:
 
 
 def pretrain_objective(cfg: C.ErnieConfig):
-    """What a pretraining step computes: the elastic sandwich for a supernet, else plain LM."""
+    """What a pretraining step computes: distillation from ``distill.teacher`` when one is set (it refuses
+    a supernet, which distils in place), the elastic sandwich for a supernet, else plain LM."""
+    if cfg.distill.enabled:
+        from megatron_ernie.train.distill import DistillObjective
+
+        return DistillObjective()
     if cfg.elastic.enabled:
         from megatron_ernie.elastic.objective import ElasticObjective
 
@@ -61,6 +66,10 @@ def sft_job(cfg: C.ErnieConfig):
 
 def _with_resume(args, first=()) -> None:
     args.overrides = [*first, *args.overrides] + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    if getattr(args, "teacher", None) is not None:  # --teacher CKPT is --set distill.teacher="CKPT"
+        import json
+
+        args.overrides.append(f"distill.teacher={json.dumps(args.teacher)}")
 
 
 def cmd_pretrain(args) -> int:
@@ -77,6 +86,9 @@ def cmd_sft(args) -> int:
     # a base checkpoint (checkpoint.load) gives weights only; --set checkpoint.load_weights_only=false undoes it
     _with_resume(args, first=["checkpoint.load_weights_only=true"])
     cfg = _load_job(args)
+    C.require(not cfg.distill.enabled, "distill.teacher", cfg.distill.teacher,
+              "distillation from a frozen teacher is implemented for `ernie pretrain` only; set "
+              "distill.teacher = \"\" for SFT (post-training distils on-policy: [rl.distill])")
     objective, source = sft_job(cfg)
     return _exit(pretrain(cfg, objective, source))
 
@@ -135,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="(elastic) MoE pretraining; run under torchrun or srun")
     _add_config_args(p)
     p.add_argument("--resume", choices=["auto", "none"], help="auto: continue from <run.dir>/checkpoints/latest")
+    p.add_argument("--teacher", metavar="CHECKPOINT",
+                   help="distil from this frozen checkpoint (same tokenizer; sets distill.teacher, see [distill])")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("sft", help="supervised fine-tuning on (prompt, response) pairs; run under torchrun or srun")
     _add_config_args(p)

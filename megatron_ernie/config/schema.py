@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_ernie.config.errors import require
+from megatron_ernie.config.distill import DistillConfig
 from megatron_ernie.config.elastic import ElasticConfig
 from megatron_ernie.config.fp8 import FP8Config
 from megatron_ernie.config.rl import RLConfig
@@ -252,6 +253,7 @@ class ErnieConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     rl: RLConfig = field(default_factory=RLConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

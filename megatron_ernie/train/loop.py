@@ -143,6 +143,7 @@ def _build(cfg: C.ErnieConfig, objective: Objective, data_source, stop: StopFlag
     run = Run(cfg, groups, data, tconfig, model, optimizer, scheduler, Progress(), NullWriter(),
               ExpertLoadTracker(model), stop, objective)
     resume(run, start)
+    objective.prepare(run)  # e.g. load a distillation teacher: refusals still come before any file is written
     # A resumed run's event log continues at its checkpoint: steps a killed run logged after it
     # are purged (TensorBoard's purge_step, as Megatron-LM does), so no step appears twice.
     run.writer = make_writer(cfg.log.tensorboard, groups.is_logging_rank, Path(cfg.run.dir) / "tensorboard",
@@ -241,7 +242,9 @@ def _log_iteration(run: Run, result: S.StepResult, seconds: float, extra: dict) 
                            result.grad_norm, result.tokens / seconds, seconds * 1000)
     experts = run.experts.reduce_and_reset([run.groups.pgs.tp, run.groups.pgs.dp_cp])
     if p.iteration % run.cfg.log.interval == 0:
-        log.info(format_iteration(stats))
+        shown = "".join(f" | {k.split('/')[-1].replace('_', ' ')} {extra[k]:.6f}"
+                        for k in run.objective.console if k in extra)
+        log.info(format_iteration(stats) + shown)
     run.writer.scalars({"train/loss": result.loss, "train/lr": stats.lr, "train/grad_norm": result.grad_norm,
                         "train/tokens_per_s": stats.tokens_per_s, "train/iteration_ms": stats.ms_per_iter,
                         "system/memory_mb": psutil.Process().memory_info().rss / 2**20, **experts, **extra},

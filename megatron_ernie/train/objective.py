@@ -5,13 +5,14 @@ the next global batch, let the objective run forward/backward through
 megatron-core's schedule and step the optimizer, then log, evaluate and save.
 What differs between plain language modelling, masked SFT (the same LM loss
 on a data source whose ``loss_mask`` keeps only response tokens), the elastic
-sandwich of sub-networks and, later, distillation is only:
+sandwich of sub-networks and distillation from a frozen teacher (train/distill.py) is only:
 
 * ``step``: one optimizer step on a global batch -> (StepResult, extra scalars);
 * ``before_eval``: put the model in the state validation measures (e.g. a
   supernet's full network);
 * ``finish``: work after the last iteration (e.g. a supernet's family table);
-* ``check``: refuse a config this objective cannot train, before any work.
+* ``check``: refuse a config this objective cannot train, before any work;
+* ``prepare``: build what it needs beside the model (a distillation teacher).
 
 A new objective is a new file implementing this class, handed to
 ``loop.setup(cfg, objective=...)`` by its caller (the CLI). The loop imports
@@ -28,9 +29,14 @@ class Objective:
     """The interface; ``step`` is the only method an objective must implement."""
 
     name = "objective"
+    console: tuple[str, ...] = ()  # keys of step()'s extra scalars also shown on the iteration line
 
     def check(self, cfg) -> None:
         """Raise ConfigError for a config this objective cannot train (called first in setup)."""
+
+    def prepare(self, run) -> None:
+        """Build what the objective needs beside the model (e.g. a frozen teacher), once, after the model
+        and the checkpoint it starts from have loaded and before anything is written into the run directory."""
 
     def step(self, run, batches) -> tuple[S.StepResult, dict]:
         raise NotImplementedError

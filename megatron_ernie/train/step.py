@@ -63,25 +63,51 @@ def _reduce_loss(loss_dicts, groups) -> tuple[float, int]:
     return (total[0] / total[1]).item() if tokens else float("nan"), tokens
 
 
-def run_schedule(model_chunks, batches, shape, dims, forward_only, forward_step_func=forward_step):
-    """Pick megatron-core's schedule for our (explicit) PP/VPP sizes and run it."""
+def run_schedule(model_chunks, batches, shape, dims, forward_only, forward_step_func=forward_step,
+                 collect_non_loss_data=False):
+    """Pick megatron-core's schedule for our (explicit) PP/VPP sizes and run it.
+
+    ``collect_non_loss_data`` (forward-only): the last stage keeps what each micro-batch's
+    loss function returns when called with ``non_loss_data=True`` (a distillation teacher's logits)."""
     num_microbatches, seq_length, micro_batch_size = shape
     fb = get_forward_backward_func(pp_size=dims.pp, vp_size=dims.vpp if dims.vpp > 1 else None)
     iterators = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
     return fb(forward_step_func=forward_step_func, data_iterator=iterators, model=model_chunks,
               num_microbatches=num_microbatches, seq_length=seq_length,
-              micro_batch_size=micro_batch_size, forward_only=forward_only)
+              micro_batch_size=micro_batch_size, forward_only=forward_only,
+              collect_non_loss_data=collect_non_loss_data)
+
+
+def reduce_token_means(loss_dicts, groups, keys) -> tuple[dict[str, float], int]:
+    """Per-token means of several (sum, count) pairs over micro-batches and DP ranks, shared along the
+    pipeline (only the last stage has them); returns ({key: mean}, tokens of the first key)."""
+    totals = torch.zeros(len(keys), 2)
+    if loss_dicts:  # summed as _reduce_loss sums "lm loss", so the two agree bit for bit
+        totals = torch.stack([torch.stack([d[k] for d in loss_dicts]).sum(dim=0) for k in keys])
+        dist.all_reduce(totals, group=groups.pgs.dp_cp)
+    if groups.dims.pp > 1:
+        dist.broadcast(totals, src=dist.get_global_rank(groups.pgs.pp, groups.dims.pp - 1), group=groups.pgs.pp)
+    means = {k: (t[0] / t[1]).item() if t[1] > 0 else float("nan") for k, t in zip(keys, totals)}
+    return means, int(totals[0, 1].item())
+
+
+def forward_backward_update(model_chunks, optimizer, scheduler, batches, shape, groups,
+                            forward_step_func=forward_step) -> tuple[list, bool, float | None]:
+    """Forward+backward over the micro-batches, then one optimizer step: (loss dicts, ok, grad norm)."""
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_dicts = run_schedule(model_chunks, batches, shape, groups.dims, forward_only=False,
+                              forward_step_func=forward_step_func)
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        scheduler.step(increment=1)
+    return loss_dicts, ok, grad_norm
 
 
 def train_step(model_chunks, optimizer, scheduler, batches, shape, groups) -> StepResult:
     """Forward+backward over the micro-batches, then one optimizer step."""
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    loss_dicts = run_schedule(model_chunks, batches, shape, groups.dims, forward_only=False)
-    ok, grad_norm, _ = optimizer.step()
-    if ok:
-        scheduler.step(increment=1)
+    loss_dicts, ok, grad_norm = forward_backward_update(model_chunks, optimizer, scheduler, batches, shape, groups)
     loss, tokens = _reduce_loss(loss_dicts, groups)
     return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, skipped=not ok)
 
