@@ -378,10 +378,20 @@ LAYOUTS = {
 EXTRACT = ["depth=2,ffn=0.5,experts=2,topk=1", "depth=3,ffn=1,experts=4,topk=1"]
 
 
+# the recipe at two layouts in the same launch: open_after=1 (step 0 trains the largest alone), one
+# declared target, no smallest, ramp over 2 steps, per-token gate
+RECIPE = {"options": ['elastic.targets=["depth=3,ffn=0.5,experts=2,topk=1"]', "elastic.sandwich_smallest=false",
+                      "elastic.distill_ramp_iters=2", "elastic.distill_gate=true", "elastic.open_after=1"],
+          "layouts": {"recipe_dp4": [], "recipe_tp2_pp2": ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                                           "parallel.pipeline=2"]},
+          "probe": ["depth=3,ffn=0.5,experts=2,topk=1"]}
+
+
 @pytest.fixture(scope="module")
 def elastic_runs(tmp_path_factory, data_cache):
     tmp = tmp_path_factory.mktemp("elastic")
-    return tmp, run_worker("elastic", tmp, {"iters": 4, "layouts": LAYOUTS, "save_from": "dp4"}, nproc=4)
+    return tmp, run_worker("elastic", tmp, {"iters": 4, "layouts": LAYOUTS, "save_from": "dp4", "recipe": RECIPE},
+                           nproc=4)
 
 
 @pytest.mark.slow
@@ -401,6 +411,35 @@ def test_subnets_differ_and_training_moves(elastic_runs):
     losses = list(r["dp4"]["subnets"].values())
     assert len(set(round(v, 6) for v in losses)) == len(losses)  # each axis changes the function
     assert r["dp4"]["losses"][-1] < r["dp4"]["losses"][0]
+
+
+@pytest.mark.slow
+def test_recipe_training_is_layout_invariant(elastic_runs):
+    _, r = elastic_runs
+    ref, got = r["recipe_dp4"], r["recipe_tp2_pp2"]
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert [s.keys() for s in got["scalars"]] == [s.keys() for s in ref["scalars"]]
+    for mine, theirs in zip(got["scalars"], ref["scalars"]):
+        for key, value in theirs.items():
+            assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key  # the KL is ~1e-3: abs
+    for name, loss in ref["subnets"].items():
+        assert got["subnets"][name] == pytest.approx(loss, rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_recipe_schedule_in_a_run(elastic_runs):
+    _, r = elastic_runs
+    steps = r["recipe_dp4"]["scalars"]
+    # step 0 (before open_after=1): the largest alone, its CE is the whole objective
+    assert steps[0]["elastic/members"] == 1 and "elastic/loss_target" not in steps[0]
+    assert steps[0]["elastic/objective"] == pytest.approx(steps[0]["elastic/loss_largest"], rel=1e-6)
+    # then: largest, the target, one random member (no smallest)
+    assert [s["elastic/members"] for s in steps[1:]] == [3, 3, 3]
+    assert all("elastic/loss_target" in s and "elastic/loss_smallest" not in s for s in steps[1:])
+    assert [s["elastic/distill_weight"] for s in steps] == pytest.approx([0.0, 0.25, 0.5, 0.5])
+    shares = [s["elastic/distill_gate_open"] for s in steps[1:]]
+    assert all(0 < x < 1 for x in shares), shares  # open on some tokens, closed on others
+    assert r["recipe_dp4"]["losses"][-1] < r["recipe_dp4"]["losses"][0]
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,8 @@ def eval_subnets(run, texts) -> dict:
 
 
 def scenario_elastic(case: dict, tmp: Path) -> dict:
-    """Elastic training at several layouts: same sandwich losses, same sub-network losses."""
+    """Elastic training at several layouts: same sandwich losses, same sub-network losses; then the
+    recipe options (case["recipe"]: targets, gate, ramp, open_after) at their own layouts."""
     results = {}
     for name, overrides in case["layouts"].items():
         run = run_case(str(tmp / name), ELASTIC + overrides + [f"train.iters={case['iters']}"])
@@ -118,7 +119,29 @@ def scenario_elastic(case: dict, tmp: Path) -> dict:
         if case.get("save_from") == name:
             loop.save_checkpoint(run)
         run.experts.remove()
+    recipe = case.get("recipe", {})
+    for name, overrides in recipe.get("layouts", {}).items():
+        over = ELASTIC + recipe["options"] + overrides + [f"train.iters={case['iters']}"]
+        run, scalars = train_recording(str(tmp / name), over)
+        results[name] = {"losses": run.progress.losses, "scalars": scalars,
+                         "subnets": eval_subnets(run, PROBE_SUBNETS[:1] + recipe.get("probe", []))}
+        run.experts.remove()
     return results
+
+
+def train_recording(run_dir: str, overrides) -> tuple[loop.Run, list[dict]]:
+    """Train, keeping every step's elastic/* scalars (what the objective logs)."""
+    run = setup(make_cfg(run_dir, overrides))
+    scalars, step = [], run.objective.step
+
+    def recording(r, batches):
+        result, extra = step(r, batches)
+        scalars.append({k: v for k, v in extra.items() if k.startswith("elastic/")})
+        return result, extra
+
+    run.objective.step = recording
+    loop.train(run)
+    return run, scalars
 
 
 def scenario_extract(case: dict, tmp: Path) -> dict:
