@@ -90,24 +90,25 @@ def model_logits(run: loop.Run, batch) -> torch.Tensor:
     return run.model[0](batch["tokens"], batch["position_ids"], None).float()
 
 
-def hand_kl(tmp: Path, teacher: str) -> float:
-    """Mean over the first global batch's tokens of KL(softmax teacher || softmax student), computed from
-    full-vocabulary logits of two plainly loaded models (DP2: each rank has whole logits of its micro-batches)."""
+def hand_kl(tmp: Path, teacher: str, temperatures=(1.0, 2.0)) -> dict:
+    """Mean over the first global batch's tokens of T^2 KL(softmax(z_t/T) || softmax(z_s/T)), computed in
+    float64 from full-vocabulary logits of two plainly loaded models (DP2: whole logits on each rank)."""
     student = loop.setup(make_cfg(tmp / "hand_student", []), None)
     taught = loop.setup(make_cfg(tmp / "hand_teacher", TEACHER + [f"checkpoint.load=\"{teacher}\""]), None)
     t = student.cfg.train
     layout = BatchLayout(t.global_batch_size, t.micro_batch_size, student.groups.dims.dp, student.groups.dp_rank)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(len(temperatures), 2, dtype=torch.float64)
     for batch in next(iter_global_batches(student.data.train, layout, 0)):
-        log_s = torch.log_softmax(model_logits(student, batch).double(), -1)
-        log_t = torch.log_softmax(model_logits(taught, batch).double(), -1)
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+        z_s, z_t = model_logits(student, batch).double(), model_logits(taught, batch).double()
         mask = batch["loss_mask"].double()
-        total += torch.stack([(kl * mask).sum(), mask.sum()])
+        for i, temp in enumerate(temperatures):
+            log_s, log_t = torch.log_softmax(z_s / temp, -1), torch.log_softmax(z_t / temp, -1)
+            kl = temp ** 2 * (log_t.exp() * (log_t - log_s)).sum(-1)
+            total[i] += torch.stack([(kl * mask).sum(), mask.sum()])
     dist.all_reduce(total)
     for run in (student, taught):
         run.experts.remove()
-    return float(total[0] / total[1])
+    return {str(temp): float(total[i, 0] / total[i, 1]) for i, temp in enumerate(temperatures)}
 
 
 def refusal(tmp: Path, name: str, overrides) -> dict | None:
