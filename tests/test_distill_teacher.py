@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ def distilled(tmp_path_factory, data_cache) -> dict:
     case = {"iters": ITERS, "teacher_iters": 4}
     torchrun(2, [ROOT / "tests" / "dist" / "distill_worker.py", out, json.dumps(case)], timeout=900)
     result = json.loads(out.read_text())
-    result["student_toml"] = str(tmp / "student.toml")
+    result["student_toml"], result["tmp"] = str(tmp / "student.toml"), str(tmp)
     return result
 
 
@@ -58,6 +59,23 @@ def test_first_step_kl_equals_the_hand_computed_kl_of_the_two_softmaxes(distille
     assert distilled["weight0"]["kl"][0] == pytest.approx(hand["1.0"], rel=1e-5)
     assert distilled["hot"]["kl"][0] == pytest.approx(hand["2.0"], rel=1e-5)  # T^2 KL at T = 2
     assert not math.isclose(hand["1.0"], hand["2.0"], rel_tol=1e-3)
+
+
+def test_the_kl_term_is_a_tensorboard_scalar_of_each_step(distilled):
+    from megatron_ernie.observe.summary import _scalars
+
+    scalars = _scalars(Path(distilled["tmp"]) / "distill" / "hot" / "tensorboard")
+    logged = [value for _, value in scalars["train/distill_kl"]]
+    assert [step for step, _ in scalars["train/distill_kl"]] == [1, 2]
+    assert logged == pytest.approx(distilled["hot"]["kl"], rel=1e-6)
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(distilled["hot"]["losses"], rel=1e-6)
+
+
+def test_a_supernet_checkpoint_teaches_as_its_whole_network(distilled):
+    """An untrained supernet has the plain model's initial weights (same seed): as the teacher of that
+    plain model its whole network (= its largest sub-network) gives the student's own distribution."""
+    assert abs(distilled["from_supernet"]["kl"][0]) < 1e-6
+    assert distilled["from_supernet"]["losses"][0] == distilled["plain"]["losses"][0]
 
 
 def test_the_kl_term_pulls_the_student_toward_the_teacher(distilled):

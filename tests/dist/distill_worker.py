@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from worker import BASE  # noqa: E402  (the distributed tests' tiny MoE, elastic off)
 
 TEACHER = ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96", "run.seed=7"]
+SUPERNET = ["elastic.enabled=true", "elastic.depth=[2, 4]", "elastic.ffn=[0.5, 1.0]", "elastic.experts=[2, 4]",
+            "elastic.topk=[1, 2]"]
 LAYOUTS = {"dp2": [], "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pipeline=2"], "ep2": ["parallel.expert=2"]}
 
 
@@ -56,6 +58,8 @@ def write_teachers(tmp: Path, iters: int) -> dict:
     out = {"trained": saved(trained)}
     out["initial"] = saved(loop.setup(make_cfg(tmp / "initial", []), None))
     out["other_vocab"] = saved(loop.setup(make_cfg(tmp / "vocab384", ["data.vocab_size=384"]), None))
+    supernet = make_cfg(tmp / "supernet", SUPERNET)  # the student's model as an (untrained) elastic supernet
+    out["supernet"] = saved(loop.setup(supernet, pretrain_objective(supernet)))
     if dist.get_rank() == 0:  # the 384-token model under the student's tokenizer: weights of the wrong width
         wrong = tmp / "wrong_width"
         shutil.copytree(out["other_vocab"], wrong)
@@ -81,6 +85,7 @@ def train_student(tmp: Path, name: str, iters: int, overrides) -> dict:
 
     run.objective.step = step
     loop.train(run)
+    run.writer.close()
     run.experts.remove()
     return {"losses": run.progress.losses, "kl": kls}
 
@@ -130,7 +135,10 @@ def main(out: Path, case: dict) -> None:
     res["self"] = train_student(tmp, "self", 1, [f"distill.teacher=\"{teachers['initial']}\"", "distill.weight=0.5"])
     for name, over in LAYOUTS.items():
         res[name] = train_student(tmp, name, iters, [trained, "distill.weight=0.5", *over])
-    res["hot"] = train_student(tmp, "hot", 1, [trained, "distill.weight=0.5", "distill.temperature=2.0"])
+    res["hot"] = train_student(tmp, "hot", 2, [trained, "distill.weight=0.5", "distill.temperature=2.0",
+                                               "log.tensorboard=true"])
+    # a supernet teacher is its whole network (= its largest sub-network): same initial weights, KL 0
+    res["from_supernet"] = train_student(tmp, "from_supernet", 1, [f"distill.teacher=\"{teachers['supernet']}\""])
     res["hand_kl"] = hand_kl(tmp, teachers["trained"])
     rank = dist.get_rank()
     # last: a refused setup shuts the process group down (as `ernie pretrain` exits)
