@@ -176,6 +176,8 @@ def test_distillation_weight_ramps_linearly_then_stays():
     (['elastic.targets=["experts=1"]'], "elastic.targets", ["top-k", "experts kept (1)"]),
     (["elastic.distill_ramp_iters=-1"], "elastic.distill_ramp_iters", [">= 0"]),
     (["elastic.open_after=-2"], "elastic.open_after", [">= 0"]),
+    (["elastic.sandwich_smallest=false", "elastic.sandwich_random=0"], "elastic.sandwich_smallest",
+     ["only the largest"]),
 ])
 def test_bad_recipe_options_are_clear_errors(overrides, field, words):
     with pytest.raises(ConfigError) as err:

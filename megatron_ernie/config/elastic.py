@@ -60,6 +60,9 @@ class ElasticConfig:
                 "must be >= 0 (0 = the axes are open from the first step)")
         for entry in self.targets:
             check_target_syntax(entry, f"{path}.targets")
+        require(self.sandwich_smallest or self.sandwich_random or self.targets, f"{path}.sandwich_smallest",
+                self.sandwich_smallest, "with no smallest, no random members and no targets only the largest "
+                "would ever train; keep sandwich_smallest = true, or set sandwich_random >= 1 or targets")
 
 
 TARGET_EXAMPLE = "depth=4,ffn=0.5,experts=2,topk=1"
