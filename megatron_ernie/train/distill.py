@@ -46,7 +46,8 @@ def _loss(batch, teacher_logits: list, weight: float, temperature: float, tp_gro
     """(sum of per-token losses, kept tokens, {name: [sum, count]}) of one micro-batch, as train/step.py's."""
     # megatron's vocab-parallel CE rewrites its input in place: the logits are still needed for the KL
     ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float().clone(), batch["labels"])
-    kl = distill_kl(logits, teacher_logits[batch["mb"]], temperature, tp_group)
+    teacher, teacher_logits[batch["mb"]] = teacher_logits[batch["mb"]], None  # freed once used
+    kl = distill_kl(logits, teacher, temperature, tp_group)
     mask = batch["loss_mask"].float().view(-1)
     total = torch.sum(((1 - weight) * ce + weight * kl).view(-1) * mask)
     count = mask.sum().to(torch.int)

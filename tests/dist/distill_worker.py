@@ -132,7 +132,9 @@ def main(out: Path, case: dict) -> None:
     res = {"teachers": teachers, "plain": train_student(tmp, "plain", iters, [])}
     trained = f"distill.teacher=\"{teachers['trained']}\""
     res["weight0"] = train_student(tmp, "weight0", iters, [trained, "distill.weight=0.0"])
-    res["self"] = train_student(tmp, "self", 1, [f"distill.teacher=\"{teachers['initial']}\"", "distill.weight=0.5"])
+    own = [f"distill.teacher=\"{teachers['initial']}\"", "distill.weight=0.5"]
+    res["self"] = train_student(tmp, "self", iters, own)
+    res["self_vpp"] = train_student(tmp, "self_vpp", iters, own + ["parallel.pipeline=2", "parallel.virtual_pipeline=2"])
     for name, over in LAYOUTS.items():
         res[name] = train_student(tmp, name, iters, [trained, "distill.weight=0.5", *over])
     res["hot"] = train_student(tmp, "hot", 2, [trained, "distill.weight=0.5", "distill.temperature=2.0",
