@@ -124,7 +124,21 @@ REFUSALS = {
                                  ["distill.teacher", "padded vocabulary at TP1 is 512"]),
     "bf16_student": (lambda t, d: ["--teacher", t["trained"], "--set", 'model.dtype="bf16"'],
                      ["model.dtype", "fp32 students only"]),
+    "bf16_teacher": (lambda t, d: ["--teacher", _bf16_copy(t["initial"], d)],
+                     ["distill.teacher", "model.dtype = 'bf16'", "fp32 teachers only"]),
 }
+
+
+def _bf16_copy(checkpoint: str, into) -> str:
+    """The checkpoint with a config.toml that says it was trained in bf16 (refused from its config alone)."""
+    import shutil
+
+    copy = into / "bf16"
+    shutil.copytree(checkpoint, copy)
+    text = (copy / "config.toml").read_text()
+    assert 'dtype = "fp32"' in text
+    (copy / "config.toml").write_text(text.replace('dtype = "fp32"', 'dtype = "bf16"', 1))
+    return str(copy)
 
 
 @pytest.mark.parametrize("name", sorted(REFUSALS))

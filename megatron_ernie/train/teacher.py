@@ -78,14 +78,17 @@ def at_student_layout(cfg: C.ErnieConfig, teacher: C.ErnieConfig) -> C.ErnieConf
 
 def _refuse_untested(cfg: C.ErnieConfig, teacher: C.ErnieConfig, given: str) -> None:
     """Distillation is tested with fp32 weights on both sides; other precisions are refused, not guessed."""
-    if cfg.model.dtype != "fp32" or cfg.fp8.recipe != "off":
-        field, value = ("model.dtype", cfg.model.dtype) if cfg.model.dtype != "fp32" else ("fp8.recipe", cfg.fp8.recipe)
-        raise ConfigError(field, value, f"distillation from {FIELD} is tested for fp32 students only; train in "
-                                        "fp32 (model.dtype = \"fp32\", fp8.recipe = \"off\") or set distill.teacher = \"\"")
+    fp32 = "model.dtype = \"fp32\", fp8.recipe = \"off\""
+    if cfg.model.dtype != "fp32":
+        raise ConfigError("model.dtype", cfg.model.dtype, f"distillation from {FIELD} is tested for fp32 students "
+                                                          f"only; train in fp32 ({fp32}) or set {FIELD} = \"\"")
+    if cfg.fp8.recipe != "off":
+        raise ConfigError("fp8.recipe", cfg.fp8.recipe, f"distillation from {FIELD} is tested for fp32 students "
+                                                        f"only; train in fp32 ({fp32}) or set {FIELD} = \"\"")
     if teacher.model.dtype != "fp32" or teacher.fp8.recipe != "off":
         raise ConfigError(FIELD, given, f"the teacher was trained with model.dtype = {teacher.model.dtype!r}, "
                                         f"fp8.recipe = {teacher.fp8.recipe!r}; distillation is tested for fp32 "
-                                        "teachers only (convert it with `ernie convert reshard` to an fp32 run)")
+                                        f"teachers only: use a checkpoint trained with {fp32}")
 
 
 def check(cfg: C.ErnieConfig, world: int) -> tuple[Path, C.ErnieConfig]:

@@ -33,7 +33,8 @@ from worker import BASE  # noqa: E402  (the distributed tests' tiny MoE, elastic
 TEACHER = ["model.num_layers=2", "model.hidden_size=48", "model.ffn_hidden_size=96", "run.seed=7"]
 SUPERNET = ["elastic.enabled=true", "elastic.depth=[2, 4]", "elastic.ffn=[0.5, 1.0]", "elastic.experts=[2, 4]",
             "elastic.topk=[1, 2]"]
-LAYOUTS = {"dp2": [], "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pipeline=2"], "ep2": ["parallel.expert=2"]}
+LAYOUTS = {"dp2": [], "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+           "pp2": ["parallel.pipeline=2"], "ep2": ["parallel.expert=2"]}
 
 
 def make_cfg(run_dir: Path, overrides) -> C.ErnieConfig:
@@ -134,7 +135,8 @@ def main(out: Path, case: dict) -> None:
     res["weight0"] = train_student(tmp, "weight0", iters, [trained, "distill.weight=0.0"])
     own = [f"distill.teacher=\"{teachers['initial']}\"", "distill.weight=0.5"]
     res["self"] = train_student(tmp, "self", iters, own)
-    res["self_vpp"] = train_student(tmp, "self_vpp", iters, own + ["parallel.pipeline=2", "parallel.virtual_pipeline=2"])
+    vpp = ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]
+    res["self_vpp"] = train_student(tmp, "self_vpp", iters, own + vpp)
     for name, over in LAYOUTS.items():
         res[name] = train_student(tmp, name, iters, [trained, "distill.weight=0.5", *over])
     res["hot"] = train_student(tmp, "hot", 2, [trained, "distill.weight=0.5", "distill.temperature=2.0",
