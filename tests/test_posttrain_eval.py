@@ -442,3 +442,17 @@ def test_eval_tasks_refuses_a_task_outside_the_tokenizer(checkpoints):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert "--tasks = 'open_ended'" in proc.stderr and "cannot encode" in proc.stderr
+
+
+def test_extracting_adam_moments_of_an_expert_parallel_supernet_names_the_reshard_first(checkpoints, tmp_path):
+    """One process cannot regroup the dense/expert optimizers of an EP2 supernet: a named refusal, not a
+    KeyError from deep inside megatron-core, and the command it names works (tested in convert's tests)."""
+    from megatron_ernie.config.errors import ConfigError
+    from megatron_ernie.elastic import extract
+
+    with pytest.raises(ConfigError) as err:
+        extract.main(["--run-dir", str(checkpoints["pretrain"]), "--subnet", "depth=3", "--out", str(tmp_path / "x"),
+                      "--optimizer"])
+    text = str(err.value)
+    assert "--optimizer" in text and "expert parallel 2" in text and "convert reshard" in text
+    assert "parallel.expert=1" in text and not (tmp_path / "x").exists()

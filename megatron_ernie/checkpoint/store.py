@@ -230,7 +230,11 @@ def load(path, model_chunks, optimizer=None, restore_rng: bool = True) -> Meta:
     for i, chunk in enumerate(model_chunks):
         unwrap_model(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            optimizer.load_state_dict(loaded["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as err:  # megatron-core cannot regroup the saved state
+            raise CheckpointError(f"cannot load the optimizer state of {path} at this layout "
+                                  f"({type(err).__name__}: {str(err)[:200]}).{_OPTIMIZER_HINT}") from err
     if restore_rng:
         rng.load(path, meta.layout)
     return meta

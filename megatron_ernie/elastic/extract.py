@@ -178,6 +178,22 @@ def check_new_output_dir(out: Path) -> None:
                                              f"one that was killed); remove it yourself or choose another --out")
 
 
+def check_single_optimizer(run_dir) -> None:
+    """Extraction runs in one process (expert parallel 1). megatron-core keeps separate dense and
+    expert optimizers only when expert parallelism splits the data-parallel group, so the Adam moments
+    of a supernet saved at expert parallel > 1 cannot be regrouped here: say how to get there."""
+    from megatron_ernie.checkpoint.store import read_meta
+    from megatron_ernie.elastic.session import locate
+
+    _, checkpoint = locate(run_dir)
+    ep = int(read_meta(checkpoint).layout.get("ep", 1))
+    if ep > 1:
+        raise ConfigError("--optimizer", f"a supernet saved at expert parallel {ep} ({checkpoint})",
+                          "its Adam moments are split into dense and expert optimizers that a one-process "
+                          f"extraction cannot regroup; rewrite it first with `ernie convert reshard {checkpoint} "
+                          "OUT --set parallel.expert=1` and extract from OUT, or extract without --optimizer")
+
+
 def main(argv=None) -> int:
     from megatron_ernie.elastic.params import subnet_size
     from megatron_ernie.elastic.session import open_supernet
@@ -193,6 +209,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     check_new_output_dir(out)
+    if args.optimizer:
+        check_single_optimizer(args.run_dir)
     run = open_supernet(args.run_dir, ["checkpoint.load_optimizer=true"] if args.optimizer else (),
                         single_process=True)
     s = parse_subnet(args.subnet, run.cfg.model, run.cfg.moe)
