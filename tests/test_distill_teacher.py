@@ -6,6 +6,7 @@ teacher at weight 0 and 0.5 at four layouts (DP2, TP2, PP2, EP2), with its own
 initial weights as the teacher, and computes the first step's KL by hand from
 the two models' full softmaxes. The refusals run through the CLI in this
 process (one line, exit 2), except the layout misfit, which needs 2 processes.
+Everything that uses the launch is marked slow; the config and SFT checks are not.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron_ernie.config.errors import ConfigError
 from harness import ROOT, torchrun
 
 ITERS = 3
+SLOW = pytest.mark.slow  # the cases behind the `distilled` fixture: one 2-process launch, ~3 min on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def distilled(tmp_path_factory, data_cache) -> dict:
     return result
 
 
+@SLOW
 def test_weight_zero_trains_exactly_as_without_a_teacher(distilled):
     plain, zero = distilled["plain"], distilled["weight0"]
     assert len(zero["losses"]) == ITERS
@@ -45,12 +48,14 @@ def test_weight_zero_trains_exactly_as_without_a_teacher(distilled):
     assert all(kl > 1e-3 for kl in zero["kl"])  # the KL is still computed and logged
 
 
+@SLOW
 def test_own_initial_weights_as_teacher_give_zero_kl_on_the_first_step(distilled):
     self_kl = distilled["self"]["kl"][0]
     assert abs(self_kl) < 1e-6, self_kl
     assert distilled["self"]["losses"][0] == distilled["plain"]["losses"][0]
 
 
+@SLOW
 def test_first_step_kl_equals_the_hand_computed_kl_of_the_two_softmaxes(distilled):
     hand = distilled["hand_kl"]
     assert hand["1.0"] > 1e-2  # another model: a KL well above rounding
@@ -60,6 +65,7 @@ def test_first_step_kl_equals_the_hand_computed_kl_of_the_two_softmaxes(distille
     assert not math.isclose(hand["1.0"], hand["2.0"], rel_tol=1e-3)
 
 
+@SLOW
 def test_the_kl_term_is_a_tensorboard_scalar_of_each_step(distilled):
     from megatron_ernie.observe.summary import _scalars
 
@@ -70,6 +76,7 @@ def test_the_kl_term_is_a_tensorboard_scalar_of_each_step(distilled):
     assert [v for _, v in scalars["train/loss"]] == pytest.approx(distilled["hot"]["losses"], rel=1e-6)
 
 
+@SLOW
 def test_a_supernet_checkpoint_teaches_as_its_whole_network(distilled):
     """An untrained supernet has the plain model's initial weights (same seed): as the teacher of that
     plain model its whole network (= its largest sub-network) gives the student's own distribution."""
@@ -77,6 +84,7 @@ def test_a_supernet_checkpoint_teaches_as_its_whole_network(distilled):
     assert distilled["from_supernet"]["losses"][0] == distilled["plain"]["losses"][0]
 
 
+@SLOW
 def test_the_kl_term_pulls_the_student_toward_the_teacher(distilled):
     """Same first step (same weights, same batch), then weight 0.5 lowers the KL faster than weight 0."""
     dist_run, zero = distilled["dp2"], distilled["weight0"]
@@ -85,6 +93,7 @@ def test_the_kl_term_pulls_the_student_toward_the_teacher(distilled):
     assert dist_run["kl"][-1] < zero["kl"][-1]
 
 
+@SLOW
 @pytest.mark.parametrize("ref,layout", [("dp2", "tp2"), ("dp2", "pp2"), ("dp2", "ep2"), ("self", "self_vpp")])
 def test_losses_and_kl_are_the_same_at_every_layout(distilled, ref, layout):
     """DP2 vs TP2, PP2, EP2 (the 2-layer teacher); DP2 vs PP2 x VPP2 (the 4-layer own-init teacher,
@@ -96,6 +105,7 @@ def test_losses_and_kl_are_the_same_at_every_layout(distilled, ref, layout):
     assert max(got["kl"]) > 1e-4
 
 
+@SLOW
 def test_a_teacher_that_does_not_fit_the_layout_is_refused(distilled):
     misfit = distilled["misfit"]
     assert misfit["field"] == "distill.teacher"
@@ -141,6 +151,7 @@ def _bf16_copy(checkpoint: str, into) -> str:
     return str(copy)
 
 
+@SLOW
 @pytest.mark.parametrize("name", sorted(REFUSALS))
 def test_bad_teacher_is_one_line_exit_2_before_any_training(distilled, tmp_path, name):
     extra, words = REFUSALS[name]
@@ -156,6 +167,7 @@ def test_bad_teacher_is_one_line_exit_2_before_any_training(distilled, tmp_path,
     assert not (run_dir / "config.toml").exists() and not (run_dir / "checkpoints").exists()
 
 
+@SLOW
 def test_a_supernet_is_refused_a_teacher_it_distils_in_place(distilled, tmp_path):
     code, text = _ernie(["pretrain", "--config", ROOT / "configs" / "tiny_cpu.toml", "--set", "parallel.expert=1",
                          "--set", f'run.dir="{tmp_path / "run"}"', "--teacher", distilled["teachers"]["trained"]])
