@@ -130,6 +130,28 @@ def test_judge_metrics_put_the_rubric_next_to_the_score():
     assert judge_metrics([scored("arithmetic", 1.0)]) == {}
 
 
+def test_overoptimisation_watch_flags_a_judge_that_rises_while_the_rubric_does_not(caplog):
+    """Gao et al.'s pattern on hand-made per-step means: windows of 3 steps, before vs after."""
+    from megatron_ernie.rl.judge.routing import OveroptimisationWatch
+
+    def feed(watch, steps):
+        return [watch.update({"judge/score": j, "judge/rubric_reward": r}) for j, r in steps]
+
+    rising_judge = [(0.2, 0.10), (0.2, 0.10), (0.2, 0.10), (0.3, 0.08), (0.3, 0.08), (0.3, 0.08)]
+    with caplog.at_level("WARNING", logger="megatron_ernie.rl"):
+        out = feed(OveroptimisationWatch(3), rising_judge)
+    assert out[:5] == [{}] * 5  # two full windows first
+    assert out[5] == pytest.approx({"judge/score_trend": 0.1, "judge/rubric_trend": -0.02, "judge/divergence": 0.12})
+    assert "judge over-optimisation" in caplog.text and "fell (-0.020)" in caplog.text
+    caplog.clear()
+    both_rise = [(0.2, 0.1)] * 3 + [(0.3, 0.2)] * 3  # the rubric follows the judge: no warning
+    with caplog.at_level("WARNING", logger="megatron_ernie.rl"):
+        assert feed(OveroptimisationWatch(3), both_rise)[5]["judge/divergence"] == pytest.approx(0.0)
+    assert caplog.text == ""
+    assert feed(OveroptimisationWatch(0), rising_judge) == [{}] * 6  # off
+    assert OveroptimisationWatch(3).update({"reward/mean": 1.0}) == {}  # no judged samples in the batch
+
+
 def test_judge_config_errors():
     from megatron_ernie.config.errors import ConfigError
     from megatron_ernie.config.rl import JudgeConfig, RLConfig, TaskConfig
@@ -137,7 +159,8 @@ def test_judge_config_errors():
     tasks = (TaskConfig(name="open_ended"),)
     for judge, field in ((JudgeConfig("j", ("arithmetic",)), "rl.judge.tasks"),
                          (JudgeConfig("", ("open_ended",)), "rl.judge.checkpoint"),
-                         (JudgeConfig("j", ()), "rl.judge.tasks")):
+                         (JudgeConfig("j", ()), "rl.judge.tasks"),
+                         (JudgeConfig("j", ("open_ended",), watch_window=-1), "rl.judge.watch_window")):
         with pytest.raises(ConfigError) as err:
             RLConfig(tasks=tasks, judge=judge).validate("rl")
         assert err.value.field == field

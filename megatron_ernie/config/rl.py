@@ -287,10 +287,13 @@ class JudgeConfig:
       prompt + response + separator (rl/judge/data.py); it must carry the run's tokenizer.
     tasks: names of rl.tasks whose reward becomes the judge's score p("y" | ...);
       their rubric reward is still computed and logged as judge/rubric_reward.
+    watch_window: steps per window of the over-optimisation watch (rl/judge/routing.py:
+      OveroptimisationWatch; judge/divergence, a warning); 0 turns it off.
     """
 
     checkpoint: str = ""
     tasks: tuple[str, ...] = ()
+    watch_window: int = 5
 
     @property
     def enabled(self) -> bool:
@@ -309,6 +312,8 @@ class JudgeConfig:
                               "name the rl.tasks the judge scores, e.g. tasks = [\"open_ended\"]")
         if any(not isinstance(t, str) for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"{path}.tasks", list(self.tasks), "list distinct task names")
+        if not isinstance(self.watch_window, int) or self.watch_window < 0:
+            raise ConfigError(f"{path}.watch_window", self.watch_window, "use a whole number of steps >= 0 (0: off)")
 
     def check_tasks(self, path: str, tasks) -> None:
         """Every judged task is in the prompt mix (else the judge would silently never run)."""

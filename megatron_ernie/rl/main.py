@@ -221,8 +221,8 @@ def run_controller(cfg, system, listener, host: str, expected_rollouts: int, wat
     tokenizer = tokenizer_for(cfg, agent=system.agent_max_turns > 1)
     tokenizer.save(os.path.join(cfg.run.dir, "tokenizer.json"))
     store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False)
-    controller = Controller(cfg, system, listener, (host, store.port), RunMetrics(cfg.run.dir, cfg.log.tensorboard),
-                            expected_rollouts, tokenizer)
+    metrics = RunMetrics(cfg.run.dir, cfg.log.tensorboard, cfg.rl.judge.watch_window)
+    controller = Controller(cfg, system, listener, (host, store.port), metrics, expected_rollouts, tokenizer)
     state = latest_state(cfg.run.dir) if cfg.checkpoint.resume == "auto" else None
     if state is not None:
         controller.load_state_dict(state)

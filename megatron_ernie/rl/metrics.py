@@ -53,11 +53,11 @@ def latest_state(run_dir: str) -> dict | None:
     return json.loads((root / latest.read_text().strip()).read_text())
 
 
-from megatron_ernie.rl.judge.routing import judge_metrics  # noqa: E402 - light, no torch
+from megatron_ernie.rl.judge.routing import OveroptimisationWatch, judge_metrics  # noqa: E402 - light, no torch
 
 
 class RunMetrics:
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    def __init__(self, run_dir: str, tensorboard: bool = True, judge_watch_window: int = 0):
         self.dir = Path(run_dir) / "rl"
         (self.dir / "controller").mkdir(parents=True, exist_ok=True)
         self.writer = ScalarWriter(Path(run_dir) / "tensorboard") if tensorboard else NullWriter()
@@ -68,6 +68,7 @@ class RunMetrics:
         self._batch: dict = {}
         self._teachers: dict = {}  # alias -> [samples scored, response tokens, forward seconds] since the last step
         self.handoff = HandoffClock()
+        self.judge_watch = OveroptimisationWatch(judge_watch_window)
         self.history: list[dict] = []
 
     def roles(self, records: list[dict]) -> None:
@@ -124,6 +125,7 @@ class RunMetrics:
             out[f"teacher/{alias}/batch_samples"] = out.get(f"teacher/{alias}/batch_samples", 0) + count
             out[f"teacher/{alias}/task_{task}"] = count  # routing: only routes[task] == alias may appear
         out.update(judge_metrics(samples))  # [rl.judge]: judge score next to the rubric (rl/judge/routing.py)
+        out.update(self.judge_watch.update(out))
         self._batch = out
 
     def _rollout_rates(self) -> dict:

@@ -15,9 +15,12 @@ one to join), and the same patience before the run stops for lack of judges.
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from megatron_ernie.rl.teacher.routing import TeacherPool
+
+log = logging.getLogger("megatron_ernie.rl")
 
 JUDGE_ALIAS = "judge"
 
@@ -62,3 +65,38 @@ def judge_metrics(samples) -> dict:
     agree = [(score >= 0.5) == (r >= 1.0) for score, r in zip(scores, rubric)]
     return {"judge/score": sum(scores) / len(judged), "judge/rubric_reward": sum(rubric) / len(judged),
             "judge/agreement": sum(agree) / len(judged), "judge/samples": len(judged)}
+
+
+class OveroptimisationWatch:
+    """Watches a learned judge being over-optimised (Gao et al. 2022, "Scaling Laws for Reward Model
+    Overoptimization"): as a policy optimises a proxy reward, the proxy keeps rising while the gold
+    reward it stands for stalls, then falls. Here the proxy is the judge's score and the gold is the
+    task's rubric, computed on the same samples. Over the last `window` steps against the `window`
+    before them it reports judge/score_trend, judge/rubric_trend and their gap judge/divergence, and
+    warns once when the judge gained at least MIN_GAIN while the rubric gained under a quarter of it."""
+
+    MIN_GAIN = 0.05
+
+    def __init__(self, window: int):
+        self.window = window
+        self.history: list[tuple[float, float]] = []
+        self.warned = False
+
+    def update(self, batch_metrics: dict) -> dict:
+        if self.window <= 0 or "judge/score" not in batch_metrics:
+            return {}
+        self.history.append((batch_metrics["judge/score"], batch_metrics["judge/rubric_reward"]))
+        self.history = self.history[-2 * self.window:]
+        if len(self.history) < 2 * self.window:
+            return {}
+        before, after = self.history[:self.window], self.history[self.window:]
+        judge = sum(s for s, _ in after) / self.window - sum(s for s, _ in before) / self.window
+        rubric = sum(r for _, r in after) / self.window - sum(r for _, r in before) / self.window
+        if not self.warned and judge >= self.MIN_GAIN and rubric < judge / 4:
+            self.warned = True
+            trend = "fell" if rubric < 0 else "barely moved"
+            log.warning(f"judge over-optimisation: over the last {self.window} steps the judge's score rose "
+                        f"{judge:+.3f} while the rubric reward {trend} ({rubric:+.3f}) on the same samples; the "
+                        "policy may be exploiting the judge: keep an earlier checkpoint, raise "
+                        "rl.algorithm.kl_coef, or train the judge on more data")
+        return {"judge/score_trend": judge, "judge/rubric_trend": rubric, "judge/divergence": judge - rubric}
