@@ -195,31 +195,16 @@ def test_target_depth_must_keep_a_layer_on_every_pipeline_stage():
 
 
 @pytest.fixture(scope="module")
-def megatron_one_rank():
-    """gloo world of one rank + megatron-core TP=PP=1 (as tests/test_fp8.py); torn down if created here."""
-    import os
-    import socket
-
-    import torch
-    from megatron.core import parallel_state
-
+def cpu_compat_applied():
     from megatron_ernie.runtime import cpu_compat
 
     cpu_compat.apply()
-    created_pg = not torch.distributed.is_initialized()
-    if created_pg:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(sock.getsockname()[1])
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    created_mp = not parallel_state.model_parallel_is_initialized()
-    if created_mp:
-        parallel_state.initialize_model_parallel(1, 1)
-    yield parallel_state
-    if created_mp:
-        parallel_state.destroy_model_parallel()
-    if created_pg:
-        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def megatron_one_rank(cpu_compat_applied, megatron_single_rank):
+    """The CPU compat layer first, then the shared one-rank megatron world (tests/conftest.py)."""
+    return megatron_single_rank
 
 
 def _gate_logits():

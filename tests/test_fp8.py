@@ -293,26 +293,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def megatron_single_rank():
-    """gloo world of one rank + megatron-core TP=PP=1; torn down only if created here."""
-    from megatron.core import parallel_state
-
-    created_pg = not torch.distributed.is_initialized()
-    if created_pg:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    created_mp = not parallel_state.model_parallel_is_initialized()
-    if created_mp:
-        parallel_state.initialize_model_parallel(1, 1)
-    yield parallel_state
-    if created_mp:
-        parallel_state.destroy_model_parallel()
-    if created_pg:
-        torch.distributed.destroy_process_group()
-
-
 def _linears(cfg, seed=0):
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
