@@ -26,7 +26,6 @@ from megatron_ernie.precision.quantize import quantize_blockwise, quantize_tenso
 from megatron_ernie.precision.recipes import build_emulated_recipe
 from megatron_ernie.precision.formats import E4M3, E5M2
 from megatron_ernie.precision.scaling import abs_max, scale_from_amax
-from test_fp8 import megatron_single_rank  # noqa: F401  (the module's megatron-core fixture)
 
 RECIPES = ["delayed", "current", "blockwise", "mxfp8"]
 TOLERANCE = 2e-6
