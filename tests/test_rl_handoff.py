@@ -28,3 +28,106 @@ def test_overlapped_handoff_counts_only_the_longer_of_training_and_generation():
     assert out["handoff/seconds"] == pytest.approx(0.1)
     clock.generated(0, 0.9)
     assert clock.step(0.4, now=1.2)["handoff/seconds"] == 0.0  # clipped: never negative
+
+
+# ------------------------------------------------------------ message latency
+def _tcp_pair():
+    import threading
+
+    from megatron_ernie.rl.control import Hello, LockedChannel, connect, listen
+
+    listener = listen(0, b"k" * 32)
+    accepted = []
+    thread = threading.Thread(target=lambda: accepted.append(LockedChannel(listener.accept())))
+    thread.start()
+    client = connect(listener.address, b"k" * 32, Hello("rollout", 0, 1))
+    thread.join(10)
+    listener.close()
+    server = accepted[0]
+    assert isinstance(server.recv(), Hello)
+    return server, client
+
+
+def _nodelay(channel) -> int:
+    import os
+    import socket
+
+    sock = socket.socket(fileno=os.dup(channel.connection.fileno()))
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
+
+
+def test_control_connections_send_small_messages_without_nagle_delay():
+    """Both ends of a control connection have TCP_NODELAY: a burst of small messages is not held
+    back waiting for delayed ACKs (it split the first rollout batch of every run)."""
+    server, client = _tcp_pair()
+    try:
+        assert _nodelay(server) == 1 and _nodelay(client) == 1
+    finally:
+        server.connection.close()
+        client.connection.close()
+
+
+class _CountingEngine:
+    policy_version = 0
+
+    def __init__(self):
+        self.batches = []
+
+    def generate(self, prompts, params):
+        from megatron_ernie.rl.rollout.engine import Generation
+        import numpy as np
+
+        self.batches.append(len(prompts))
+        return [Generation(np.array([5], np.int32), np.zeros(1, np.float32), None, "length") for _ in prompts]
+
+
+def _run_worker_on_a_burst(wait_s: float, gap_s: float, prompts: int = 6) -> list[int]:
+    """Send `prompts` one message at a time, gap_s apart, then stop; return the worker's batch sizes."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from megatron_ernie.config.rl import SamplingConfig
+    from megatron_ernie.rl.protocol import PromptRequest, Shutdown
+    from megatron_ernie.rl.rollout.worker import RolloutWorker
+    from megatron_ernie.rl.system import SystemConfig
+    from megatron_ernie.rl.transport import pipe_pair
+
+    class Tok:
+        eod_id = 0
+
+        def decode(self, ids):
+            return "x" * len(ids)
+
+    ours, theirs = pipe_pair()
+    engine = _CountingEngine()
+    system = SystemConfig(rollout_batch_prompts=prompts, rollout_batch_wait_s=wait_s)
+    worker = RolloutWorker(engine, Tok(), SamplingConfig(), system, theirs)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    for i in range(prompts):
+        ours.send(PromptRequest(f"{i}:t", "t", np.array([3, 4], np.int32), 2))
+        time.sleep(gap_s)
+    time.sleep(0.2)
+    ours.send(Shutdown("done"))
+    thread.join(10)
+    return engine.batches
+
+
+def test_rollout_worker_gathers_a_burst_of_prompts_into_one_batch():
+    """Prompts arrive one message at a time; the worker waits up to rollout_batch_wait_s between
+    them for a full batch, and generates at once with the wait at 0."""
+    assert _run_worker_on_a_burst(wait_s=0.5, gap_s=0.01) == [12]  # 6 prompts x 2 samples, one batch
+    assert len(_run_worker_on_a_burst(wait_s=0.0, gap_s=0.05)) > 1
+
+
+def test_rollout_batch_wait_is_validated():
+    from megatron_ernie.config.errors import ConfigError
+    from megatron_ernie.rl.system import SystemConfig
+
+    with pytest.raises(ConfigError, match=r"rl.system.rollout_batch_wait_s.*-0.1"):
+        SystemConfig(rollout_batch_wait_s=-0.1).validate("rl.system")

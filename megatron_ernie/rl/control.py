@@ -241,10 +241,32 @@ class LockedChannel(PipeChannel):
     def __init__(self, connection):
         super().__init__(connection)
         self._lock = threading.Lock()
+        send_small_messages_at_once(connection)
 
     def send_bytes(self, data: bytes) -> None:
         with self._lock:
             super().send_bytes(data)
+
+
+def send_small_messages_at_once(connection) -> None:
+    """Turn off Nagle's algorithm on a TCP connection (TCP_NODELAY); other carriers are left alone.
+
+    Why: the control plane sends bursts of small messages (a step's prompts, one
+    per message). With Nagle on, the second small write waits for the peer to
+    acknowledge the first, and the peer delays that ACK (up to ~40 ms on Linux):
+    measured here, the rollout worker received the 2nd of 16 prompts sent within
+    7 ms only 20 ms after the 1st, so it generated a batch of one prompt and then
+    one of the rest. Every request/reply hop of a step paid such stalls.
+    """
+    try:
+        sock = socket.socket(fileno=os.dup(connection.fileno()))
+    except (OSError, AttributeError, ValueError):
+        return
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        sock.close()
 
 
 def authkey_from_env(run_dir: str) -> bytes:

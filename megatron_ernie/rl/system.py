@@ -37,6 +37,8 @@ class SystemConfig:
       rollout processes [k*t, (k+1)*t) generate together as replica k, so the number of
       rollout processes must be a multiple of it (rollout/replica.py).
     rollout_batch_prompts: prompts a rollout engine generates together in one batch.
+    rollout_batch_wait_s: with fewer prompts queued than that, how long a rollout worker waits
+      for the next one before generating what it has (prompts arrive one message at a time).
     rollout_dtype: precision of the rollout engine; "bf16" against the fp32 trainer is the
       train/inference mismatch that TIS and routing replay correct.
     fp8_roles: which side runs the `[fp8]` recipe when it is on: "both" (unified: one FP8
@@ -63,6 +65,7 @@ class SystemConfig:
     rollout_tensor: int = 1
     reward_workers: int = 1
     rollout_batch_prompts: int = 4
+    rollout_batch_wait_s: float = 0.02
     rollout_dtype: str = "bf16"
     fp8_roles: str = "both"
     routing_replay: bool = True
@@ -90,6 +93,9 @@ class SystemConfig:
             raise ConfigError(f"{path}.teacher_dtype", self.teacher_dtype, f"choose one of {list(ROLLOUT_DTYPES)}")
         if self.fp8_roles not in FP8_ROLES:
             raise ConfigError(f"{path}.fp8_roles", self.fp8_roles, f"choose one of {list(FP8_ROLES)}")
+        if not 0.0 <= self.rollout_batch_wait_s <= 1.0:
+            raise ConfigError(f"{path}.rollout_batch_wait_s", self.rollout_batch_wait_s,
+                              "use 0 (generate at once) to 1 second; prompts of one burst arrive within milliseconds")
         for name in ("heartbeat_s", "heartbeat_timeout_s", "sync_bucket_mb", "sync_timeout_s"):
             _positive(path, name, getattr(self, name))
         if self.heartbeat_timeout_s < 3 * self.heartbeat_s:

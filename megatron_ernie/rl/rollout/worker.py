@@ -53,6 +53,8 @@ class RolloutWorker:
         while self.shutdown is None:
             self._drain(timeout_s=0.0 if self._can_generate() else 0.2)
             if self.shutdown is None and self._can_generate():
+                self._gather_batch()
+            if self.shutdown is None and self._can_generate():
                 self._generate_batch()
         return 75 if self.shutdown.reason == "requeue" else 0
 
@@ -66,6 +68,22 @@ class RolloutWorker:
             if self.shutdown is not None:
                 return
             message = recv_or_none(self.channel, 0.0)
+
+    def _gather_batch(self) -> None:
+        """Wait briefly for the rest of a batch before generating a part of one.
+
+        The controller sends prompts one message at a time, in a burst. A worker
+        that generated as soon as the first arrived would run the round as one
+        batch of a single prompt and another of the rest; a decode step costs
+        almost the same for 8 sequences as for 64 (measured 1.19 s vs 1.52 s for
+        56 new tokens at the benchmark's model on CPU), so waiting for the burst
+        to end (no message for rollout_batch_wait_s, or a full batch) is cheaper.
+        """
+        while self.shutdown is None and len(self.queue) < self.system.rollout_batch_prompts:
+            message = recv_or_none(self.channel, self.system.rollout_batch_wait_s)
+            if message is None:
+                return
+            self._handle(message)
 
     def _handle(self, message) -> None:
         if isinstance(message, PromptRequest):
