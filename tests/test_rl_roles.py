@@ -284,3 +284,25 @@ def test_a_failed_weight_sync_is_retried_in_a_new_generation(controller):
     ctl._on_sync_done(ends["rollout"][0], SyncDone(1, 2, True))
     ctl._on_weights_ready(WeightsReady(2, ()))
     assert plans() == [2, 2]  # after a success the group is reused
+
+
+def test_a_worker_still_loading_weights_gets_its_share_of_the_round(controller):
+    """The first worker to finish a weight sync takes one batch, not two, while another is
+    still loading the same version; once that one reports, both fill up to two batches."""
+    from types import SimpleNamespace
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.control import LockedChannel
+    import multiprocessing
+    import time
+
+    ctl = controller(lag=0, per_step=4)
+    pipes = [multiprocessing.Pipe() for _ in range(2)]
+    first, second = (Peer("rollout", i, 1, "h", LockedChannel(ours), time.monotonic(), version=v)
+                     for i, ((ours, _), v) in enumerate(zip(pipes, (0, -1))))
+    ctl.peers += [first, second]
+    ctl.latest_ready = SimpleNamespace(version=0)
+    ctl._issue_prompts()
+    assert (len(first.in_flight), len(second.in_flight)) == (1, 0)  # rollout_batch_prompts = 1
+    second.version = 0
+    ctl._issue_prompts()
+    assert (len(first.in_flight), len(second.in_flight)) == (2, 2)

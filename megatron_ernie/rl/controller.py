@@ -521,12 +521,25 @@ class Controller:
 
     def _issue_prompts(self) -> None:
         """One prompt at a time to the least loaded eligible worker, until none can take more."""
-        limit = 2 * self.system.rollout_batch_prompts
+        limit = self._prompt_limit(self._alive("rollout"))
         while True:
             ready = sorted((r for r in self._alive("rollout") if r.version >= 0 and len(r.in_flight) < limit),
                            key=lambda r: len(r.in_flight))
             if not any(self._give_one(rollout) for rollout in ready):  # stops at the first that takes one
                 return
+
+    def _prompt_limit(self, rollouts: list[Peer]) -> int:
+        """Prompts one rollout worker may hold: two batches (one generating, one queued), but one while
+        another worker is still loading the newest weights.
+
+        Why: workers finish a weight sync milliseconds apart, and the first to report
+        would otherwise take the whole round (2 batches) while the others sit idle:
+        measured at the tiny config with lag 0, one worker generated both batches of
+        every step back to back and the other none.
+        """
+        newest = -1 if self.latest_ready is None else self.latest_ready.version
+        catching_up = any(r.version < newest for r in rollouts)
+        return self.system.rollout_batch_prompts * (1 if catching_up else 2)
 
     def _give_one(self, rollout: Peer) -> bool:
         item = self._next_prompt(rollout.version)
