@@ -68,15 +68,18 @@ def test_identical_samples_of_a_deterministic_task_run_once_and_host_failures_ru
     tests = json.dumps({"tests": [{"stdin": "1 2\n", "stdout": "3"}]})
     right = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
     wrong = "```python\nprint(4)\n```"
+    crash = "```python\nprint(1 / 0)\n```"  # an exception is a property of the program too
     batch = [sample(str(i), "code", text, tests) for i, text in enumerate([right] * 6 + [wrong] * 2)]
     with RewardWorker(SandboxConfig(wall_s=5, cpu_s=2), concurrency=2) as worker:
         first = worker.score(batch)
         assert worker.scored == 2  # one run per distinct program, not eight
         assert [(s.sample.prompt_id, s.reward, s.status) for s in first] == \
             [(str(i), 1.0, "ok") for i in range(6)] + [("6", 0.0, "wrong"), ("7", 0.0, "wrong")]
+        crashed = worker.score([sample(f"c{i}", "code", crash, tests) for i in range(3)])
+        assert [s.status for s in crashed] == ["crash"] * 3 and worker.scored == 3
         again = worker.score(batch[:1] + [sample("x", "code", right, json.dumps({"tests": [
             {"stdin": "2 2\n", "stdout": "4"}]}))])
-        assert worker.scored == 3  # the remembered verdict is reused; another reference is a new key
+        assert worker.scored == 4  # the remembered verdict is reused; another reference is a new key
         assert [(s.sample.prompt_id, s.reward) for s in again] == [("0", 1.0), ("x", 1.0)]
     broken = SandboxConfig(python="/nonexistent/python3")  # every run is a sandbox_error: never remembered
     with RewardWorker(broken, concurrency=2) as worker:

@@ -14,8 +14,9 @@ Verdicts of deterministic tasks (Task.deterministic: the reward is a function
 of response and reference) are memoised per process: a policy that has
 converged writes the same program for most samples of a prompt, and running
 it in the sandbox again gives nothing new. Only outcomes that are properties
-of the program are kept (ok, wrong, no_answer); a timeout or a sandbox failure
-may be the host's load, so those samples are scored again.
+of the program are kept (ok, wrong, no_answer, crash: an exception the program
+raised); a timeout, a memory or process limit or a sandbox failure may be the
+host's load, so those samples are scored again.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _checked(verdict: Verdict) -> Verdict:
     return verdict
 
 
-MEMO_STATUSES = ("ok", "wrong", "no_answer")  # verdicts about the program, not about the host
+MEMO_STATUSES = ("ok", "wrong", "no_answer", "crash")  # verdicts about the program, not about the host
 MEMO_ENTRIES = 8192
 
 
