@@ -477,6 +477,8 @@ def test_extracted_adam_moments_are_the_supernets_sliced_like_the_weights(extrac
 def test_first_continued_step_equals_the_supernets_step_of_that_subnet(extracted):
     m = extracted["moments"]
     assert m["lrs"][1] == pytest.approx(m["lrs"][0], rel=1e-12)  # peak fraction 1, no warmup: the same LR
+    # the load-balancing loss is on, and the sub-network keeps fewer experts than the supernet has
+    assert m["aux_loss_coeffs"][0] == m["aux_loss_coeffs"][1] > 0 and m["experts"][1] < m["experts"][0]
     assert m["losses"][1] == pytest.approx(m["losses"][0], abs=1e-5)
     assert m["grad_norms"][1] == pytest.approx(m["grad_norms"][0], rel=1e-4)
     assert m["step_max_update"] > 1e-5  # the step moves the weights ...

@@ -179,15 +179,15 @@ def moment_facts(run_dir: str, text: str, tmp: Path) -> dict:
     """`ernie extract --optimizer`: the continuation's Adam state after loading the extracted checkpoint
     vs the supernet's, sliced here by hand for the router and each kept expert's projections; then one
     optimizer step of the continuation vs one step of the supernet set to that sub-network, on the same
-    batch at the same LR (no aux loss: megatron's counts the masked experts, so it differs by design)."""
+    batch at the same LR, with the supernet's load-balancing loss on (ElasticTopKRouter scales its
+    coefficient by kept/all experts, so the in-supernet loss equals the extracted model's)."""
     from megatron_ernie.data.loader import BatchLayout, iter_global_batches
     from megatron_ernie.elastic import extract
     from megatron_ernie.elastic.model import apply_subnet
     from megatron_ernie.elastic.session import open_supernet
     from megatron_ernie.elastic.subnet import kept_channels, kept_layers, layer_ranking, parse_subnet
 
-    supernet = open_supernet(run_dir, ["checkpoint.load_optimizer=true", "moe.aux_loss_coeff=0"],
-                             single_process=True)
+    supernet = open_supernet(run_dir, ["checkpoint.load_optimizer=true"], single_process=True)
     cfg = supernet.cfg
     s = parse_subnet(text, cfg.model, cfg.moe)
     ckpt, _ = extract.extract(supernet, s, tmp / "extracted_opt", with_optimizer=True)
@@ -220,7 +220,9 @@ def moment_facts(run_dir: str, text: str, tmp: Path) -> dict:
              "steps": sorted({float(st["step"]) for st in ours.values()}),
              "supernet_step": float(next(iter(theirs.values()))["step"]),
              "nonzero": sum(float(ours[p]["exp_avg_sq"].abs().sum()) > 0 for p in named.values()),
-             "lrs": [supernet.optimizer.param_groups[0]["lr"], cont.optimizer.param_groups[0]["lr"]]}
+             "lrs": [supernet.optimizer.param_groups[0]["lr"], cont.optimizer.param_groups[0]["lr"]],
+             "aux_loss_coeffs": [cfg.moe.aux_loss_coeff, cont.cfg.moe.aux_loss_coeff],
+             "experts": [cfg.moe.num_experts, cont.cfg.moe.num_experts]}
     t = cont.cfg.train
     batch = next(iter_global_batches(cont.data.train, BatchLayout(t.global_batch_size, t.micro_batch_size),
                                      cont.progress.consumed_samples))
