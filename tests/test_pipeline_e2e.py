@@ -103,3 +103,11 @@ def test_general_rl_rewards_open_ended_by_the_judge_stage(pipeline_run):
     for step in judged:
         assert step["reward/open_ended"] == pytest.approx(step["judge/score"], abs=1e-9)
         assert 0.0 <= step["judge/rubric_reward"] <= 1.0
+
+
+def test_general_rl_kl_is_anchored_at_the_opd_student(pipeline_run):
+    """General RL's KL reference is its starting checkpoint (the OPD student): K3 is 0 at step 1."""
+    out = pipeline_run[0]
+    steps = [json.loads(line) for line in (out / "general" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert 'kl_coef = 0.05' in (out / "general" / "config.toml").read_text()
+    assert steps[0]["policy/ref_kl_k3"] < 1e-6, steps[0]

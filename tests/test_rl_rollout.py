@@ -117,7 +117,7 @@ def reference_layouts(tmp_path_factory):
     four = ["model.num_layers=4"]
     case = {"layouts": {"dp2": four, "pp2": four + ["parallel.pipeline=2"],
                         "pp2_vpp2": four + ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
-                        "tp2": four + ["parallel.tensor=2", "parallel.sequence_parallel=true"]}}
+                        "tp2": four + ["parallel.tensor=2", "parallel.sequence_parallel=true"]}, "anchor": "pp2_vpp2"}
     torchrun(2, [ROOT / "tests" / "dist" / "rl_worker.py", "reference_layouts", out, json.dumps(case)], timeout=600)
     return json.loads(out.read_text())
 
@@ -202,3 +202,15 @@ def test_tensor_parallel_rollout_replicas_run_rl_and_survive_a_lost_member(tmp_p
     assert metrics[0]["rollout/alive_workers"] == 2 and metrics[-1]["rollout/alive_workers"] == 1
     # synchronous: each replica generates with the trainer's current weights (bf16 vs the fp32 trainer)
     assert all(0 <= m["policy/rollout_kl_k3"] < 1e-5 for m in metrics), [m["policy/rollout_kl_k3"] for m in metrics]
+
+
+@pytest.mark.slow
+def test_reference_is_the_starting_checkpoint_also_after_a_resume(reference_layouts):
+    """pi_ref is the checkpoint a stage starts from (checkpoint.load), not the random initialisation
+    the trainer is built with, and a resume from the run's own checkpoint keeps it."""
+    r = reference_layouts["anchor"]
+    assert r["first"]["ref_kl_k3"] == 0.0  # step 1: the loaded policy is the reference
+    assert r["second"]["ref_kl_k3"] > 1e-3
+    assert r["resumed"]["ref_kl_k3"] == pytest.approx(r["second"]["ref_kl_k3"], rel=1e-5)
+    assert r["resumed"]["pg_loss"] == pytest.approx(r["second"]["pg_loss"], rel=1e-5)
+

@@ -111,10 +111,19 @@ class PolicyTrainer:
         tconfig = transformer_config(self.cfg.model, self.cfg.moe, self.cfg.parallel, **ext.tconfig)
         chunks = build_chunks(tconfig, self.cfg.model, self.groups,
                               padded_vocab_size(self.vocab_size, self.groups.dims.tp), ext)
+        for chunk in chunks:
+            chunk.eval()
+        self._copy_policy_into(chunks)
+        return chunks, self._routing(chunks, tconfig)
+
+    def _copy_policy_into(self, chunks) -> None:
         for reference, policy in zip(chunks, self.model):
             reference.load_state_dict(policy.module.state_dict(), strict=True)
-            reference.eval()
-        return chunks, self._routing(chunks, tconfig)
+
+    def reset_reference(self) -> None:
+        """Make the reference the current policy: after the starting checkpoint is loaded into it."""
+        if self.reference is not None:
+            self._copy_policy_into(self.reference[0])
 
     # -------------------------------------------------------------- log-probs
     def _vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:

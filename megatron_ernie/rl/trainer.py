@@ -171,16 +171,8 @@ class TrainerRole:
             self.channel.send(self.publisher.stage(self.trainer.version, tensors, scales))
 
     def _resume(self, version: int) -> None:
-        t = self.trainer
-        if version >= 0:
-            path = store.iteration_dir(self.ckpt_root, version)
-            meta = store.load(path, t.model, t.optimizer)
-            t.scheduler.load_state_dict(meta.extra["scheduler"])
-            t.version = meta.iteration
-            log.info(f"trainer resumed from {path} (policy version {t.version})")
-        elif self.cfg.checkpoint.load:
-            store.load(Path(self.cfg.checkpoint.load), t.model, None)
-            log.info(f"trainer initialised from {self.cfg.checkpoint.load}")
+        start = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None
+        log.info(restore_policy(self.trainer, self.ckpt_root, version, start))
 
     def _save(self, version: int) -> None:
         t = self.trainer
@@ -196,6 +188,31 @@ class TrainerRole:
     def close(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
+
+
+def restore_policy(trainer: PolicyTrainer, ckpt_root: Path, version: int, start: Path | None) -> str:
+    """Load the policy a run continues from, and anchor the KL reference where the run began.
+
+    The reference of the K3 penalty (GRPO's pi_ref) is the policy the stage
+    started from: checkpoint.load (the SFT or OPD model a stage continues),
+    also after a resume from one of the run's own checkpoints, or the seeded
+    initialisation when there is none. PolicyTrainer copies its weights into
+    the reference when it is built, before anything is loaded, so the copy is
+    redone here once the starting weights are known. Returns what to log.
+    """
+    if version >= 0:
+        path = store.iteration_dir(ckpt_root, version)
+        meta = store.load(path, trainer.model, trainer.optimizer)
+        trainer.scheduler.load_state_dict(meta.extra["scheduler"])
+        trainer.version = meta.iteration
+        if start is not None and trainer.reference is not None:
+            store.load(start, trainer.reference[0], None, restore_rng=False)
+        return f"trainer resumed from {path} (policy version {trainer.version})"
+    if start is None:
+        return "trainer starts from the initial weights"
+    store.load(start, trainer.model, None)
+    trainer.reset_reference()
+    return f"trainer initialised from {start}"
 
 
 def _layout() -> dict:

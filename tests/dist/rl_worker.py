@@ -237,7 +237,46 @@ def scenario_reference_layouts(case: dict, tmp: Path) -> dict:
         trainer = PolicyTrainer(cfg, groups, 40, routing_replay=False)
         batch = synthetic_batch(cfg, 40)
         results[name] = [trainer.train_step(batch) for _ in range(case.get("steps", 3))]
+    if "anchor" in case:
+        results["anchor"] = reference_anchor(case["layouts"][case["anchor"]], tmp)
     return results
+
+
+def reference_anchor(layout: list, tmp: Path) -> dict:
+    """The KL reference of a run started from a checkpoint, and of the same run resumed from its own.
+
+    A checkpoint `start` (weights moved by two steps) is loaded as the trainer
+    role loads checkpoint.load; the run trains a step, saves version 1, trains
+    one more; a third trainer resumes that version 1 and trains the same step.
+    """
+    from megatron_ernie.checkpoint import store
+    from megatron_ernie.rl.trainer import restore_policy
+
+    overrides = ["rl.algorithm.kl_coef=0.1", "train.micro_batch_size=4", "schedule.warmup_iters=0",
+                 "optimizer.lr=1e-2", *layout]
+
+    def fresh(seed: int):
+        cfg, groups = setup([*overrides, f"run.seed={seed}"])
+        return cfg, PolicyTrainer(cfg, groups, 40, routing_replay=False)
+
+    def save(trainer, root: Path, version: int) -> Path:
+        meta = store.Meta(iteration=version, consumed_samples=0, consumed_tokens=0, layout={},
+                          extra={"scheduler": trainer.scheduler.state_dict()})
+        return store.save(root, meta, trainer.model, trainer.optimizer, 2, {})
+
+    cfg, mover = fresh(7)
+    batch = synthetic_batch(cfg, 40)
+    mover.train_step(batch), mover.train_step(batch)
+    start = save(mover, tmp / "start", 2)
+    _, run = fresh(8)
+    restore_policy(run, tmp / "run", -1, start)
+    first = run.train_step(batch)
+    save(run, tmp / "run", 1)
+    second = run.train_step(batch)
+    _, resumed = fresh(9)
+    restore_policy(resumed, tmp / "run", 1, start)
+    again = resumed.train_step(batch)
+    return {"first": first, "second": second, "resumed": again}
 
 
 class RecordingEngine:
