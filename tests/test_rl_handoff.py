@@ -115,14 +115,20 @@ def _run_worker_on_a_burst(wait_s: float, gap_s: float, prompts: int = 6) -> lis
     time.sleep(0.2)
     ours.send(Shutdown("done"))
     thread.join(10)
-    return engine.batches
+    sent = []
+    while ours.poll(0):
+        sent.append(ours.recv())
+    return engine.batches, sent
 
 
 def test_rollout_worker_gathers_a_burst_of_prompts_into_one_batch():
     """Prompts arrive one message at a time; the worker waits up to rollout_batch_wait_s between
     them for a full batch, and generates at once with the wait at 0."""
-    assert _run_worker_on_a_burst(wait_s=0.5, gap_s=0.01) == [12]  # 6 prompts x 2 samples, one batch
-    assert len(_run_worker_on_a_burst(wait_s=0.0, gap_s=0.05)) > 1
+    batches, sent = _run_worker_on_a_burst(wait_s=0.5, gap_s=0.01)
+    assert batches == [12]  # 6 prompts x 2 samples, one batch
+    assert [type(m).__name__ for m in sent] == ["SampleBatch", "RolloutStats"]  # its samples in one message
+    assert len(sent[0].samples) == 12 and sent[1].samples == 12
+    assert len(_run_worker_on_a_burst(wait_s=0.0, gap_s=0.05)[0]) > 1
 
 
 def test_rollout_batch_wait_is_validated():

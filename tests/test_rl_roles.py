@@ -17,7 +17,7 @@ from megatron_ernie.config.rl import SandboxConfig
 from megatron_ernie.rl.control import TrainBatch, listen
 from megatron_ernie.rl.controller import Controller, PromptStream, retry_id
 from megatron_ernie.rl.metrics import RunMetrics
-from megatron_ernie.rl.protocol import Sample, ScoredSample, Shutdown
+from megatron_ernie.rl.protocol import Sample, SampleBatch, ScoredBatch, ScoredSample, Shutdown
 from megatron_ernie.rl.reward.serve import serve
 from megatron_ernie.rl.reward.worker import RewardWorker
 from megatron_ernie.rl.system import SystemConfig
@@ -43,9 +43,10 @@ def test_reward_role_scores_sandbox_failures_and_keeps_serving():
 
     thread = threading.Thread(target=role, args=(broken, "broken"))
     thread.start()
-    ours.send(sample("a", "code", "```python\nprint(1)\n```", tests))
-    ours.send(sample("b", "arithmetic", "4", "4"))
-    got = [ours.recv() for _ in range(2)]
+    ours.send(SampleBatch((sample("a", "code", "```python\nprint(1)\n```", tests), sample("b", "arithmetic", "4", "4"))))
+    reply = ours.recv()  # one message for the batch
+    assert isinstance(reply, ScoredBatch)
+    got = list(reply.scored)
     ours.send(Shutdown())
     thread.join(30)
     statuses = {s.sample.prompt_id: (s.status, s.reward) for s in got}
@@ -54,9 +55,9 @@ def test_reward_role_scores_sandbox_failures_and_keeps_serving():
 
     thread = threading.Thread(target=role, args=(sandbox, "crash"))
     thread.start()
-    ours.send(sample("c", "code", "```python\n1/0\n```", tests))
-    ours.send(sample("d", "code", "```python\na, b = map(int, input().split())\nprint(a + b)\n```", tests))
-    got = {s.sample.prompt_id: s for s in (ours.recv(), ours.recv())}
+    ours.send(SampleBatch((sample("c", "code", "```python\n1/0\n```", tests),
+                           sample("d", "code", "```python\na, b = map(int, input().split())\nprint(a + b)\n```", tests))))
+    got = {s.sample.prompt_id: s for s in ours.recv().scored}
     ours.send(Shutdown("requeue"))
     thread.join(30)
     assert got["c"].status == "crash" and got["c"].reward == 0.0 and "ZeroDivisionError" in got["c"].detail
@@ -309,3 +310,38 @@ def test_a_worker_still_loading_weights_gets_its_share_of_the_round(controller):
     second.version = 0
     ctl._issue_prompts()
     assert (len(first.in_flight), len(second.in_flight)) == (2, 2)
+
+
+def test_samples_travel_as_one_message_per_batch_and_split_among_reward_workers(controller):
+    """A rollout's batch is one SampleBatch; the controller gives each reward worker one contiguous
+    share (one message each) and takes each worker's verdicts back as one ScoredBatch."""
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.control import LockedChannel
+    import multiprocessing
+    import time
+
+    ctl = controller(lag=1, per_step=2)
+    ours, _ = multiprocessing.Pipe()
+    rollout = Peer("rollout", 0, 1, "h", LockedChannel(ours), time.monotonic(), version=0)
+    rewards, ends = [], []
+    for rank in range(2):
+        ours, theirs = multiprocessing.Pipe()
+        rewards.append(Peer("reward", rank, 1, "h", LockedChannel(ours), time.monotonic()))
+        ends.append(LockedChannel(theirs))
+    ctl.peers += [rollout, *rewards]
+    ctl._issue_prompts()
+    requests = [request for request, _ in rollout.in_flight.values()]
+    assert len(requests) == 2
+    samples = tuple(sample(r.prompt_id, "arithmetic", "1", r.reference, i) for r in requests for i in range(2))
+    ctl._dispatch(rollout, SampleBatch(samples))
+    shares = [end.recv() for end in ends]
+    assert [type(m) for m in shares] == [SampleBatch, SampleBatch]
+    assert not any(end.poll(0.05) for end in ends)  # nothing else was sent
+    assert [[(s.prompt_id, s.sample_index) for s in m.samples] for m in shares] == \
+        [[(s.prompt_id, s.sample_index) for s in samples[:2]], [(s.prompt_id, s.sample_index) for s in samples[2:]]]
+    for peer, share in zip(rewards, shares):
+        assert len(peer.in_flight) == 2
+        ctl._dispatch(peer, ScoredBatch(tuple(ScoredSample(s, float(s.sample_index), "ok") for s in share.samples)))
+        assert not peer.in_flight
+    assert not ctl.pending and ctl.buffer.ready(2)
+

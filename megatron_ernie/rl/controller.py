@@ -49,8 +49,8 @@ from megatron_ernie.rl.buffer import ExperienceBuffer
 from megatron_ernie.rl.failure_watch import FailureWatch
 from megatron_ernie.rl.control import (Failure, Hello, LockedChannel, RolloutStats, Saved, SaveCheckpoint, Start,
                                        StepDone, SyncDone, SyncPlan, TeacherReady, TeacherStats, TrainBatch)
-from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, Sample, ScoredSample, Shutdown,
-                                        WeightsReady)
+from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, Sample, SampleBatch, ScoredBatch,
+                                        ScoredSample, Shutdown, WeightsReady)
 from megatron_ernie.rl.judge.routing import JUDGE_ALIAS, judge_pool
 from megatron_ernie.rl.reward.worker import score_sample
 
@@ -304,7 +304,9 @@ class Controller:
     def _dispatch(self, peer: Peer, message) -> None:
         handler = {
             Heartbeat: lambda m: None,
-            Sample: lambda m: self._on_sample(peer, m),
+            Sample: lambda m: self._on_samples(peer, (m,)),
+            SampleBatch: lambda m: self._on_samples(peer, m.samples),
+            ScoredBatch: lambda m: [self._on_scored(peer, s) for s in m.scored] if peer.role == "reward" else None,
             ScoredSample: lambda m: {"teacher": self._on_taught, "judge": self._on_judged}.get(
                 peer.role, self._on_scored)(peer, m),
             TeacherReady: lambda m: self._on_teacher_ready(peer, m),
@@ -321,26 +323,42 @@ class Controller:
             return
         handler(message)
 
-    def _on_sample(self, peer: Peer, sample: Sample) -> None:
+    def _on_samples(self, peer: Peer, samples) -> None:
+        self._score([s for s in samples if self._received(peer, s)])
+
+    def _received(self, peer: Peer, sample: Sample) -> bool:
+        """Count a sample against its prompt; False for one of an abandoned attempt (dropped)."""
         entry = self.pending.get(sample.prompt_id)
         if entry is None:
-            self.counters.samples_discarded += 1  # from an abandoned attempt
-            return
+            self.counters.samples_discarded += 1
+            return False
         entry.received += 1
         if entry.received == self.n:
             peer.in_flight.pop(sample.prompt_id, None)
-        self._score(sample)
+        return True
 
-    def _score(self, sample: Sample) -> None:
-        workers = [p for p in self.peers if p.role == "reward" and p.alive]
+    def _score(self, samples: list[Sample]) -> None:
+        """Split the samples into one contiguous share per alive reward worker, one message each
+        (contiguous keeps a prompt's group together, so a worker's memo sees its repeats)."""
+        shares = min(len(self._alive("reward")), len(samples))
+        if not shares:
+            for sample in samples:
+                self._on_scored(None, score_sample(sample, self.cfg.rl.sandbox))
+            return
+        for k in range(shares):
+            self._send_to_reward(samples[k * len(samples) // shares: (k + 1) * len(samples) // shares])
+
+    def _send_to_reward(self, share: list[Sample]) -> None:
+        workers = self._alive("reward")  # a failed send below may have removed one
         if not workers:
-            self._on_scored(None, score_sample(sample, self.cfg.rl.sandbox))
+            self._score(share)
             return
         worker = workers[self.reward_turn % len(workers)]
         self.reward_turn += 1
-        worker.in_flight[(sample.prompt_id, sample.sample_index)] = sample
-        if not worker.send(sample):
-            self._on_dead(worker, "send failed")
+        for sample in share:
+            worker.in_flight[(sample.prompt_id, sample.sample_index)] = sample
+        if not worker.send(SampleBatch(tuple(share))):
+            self._on_dead(worker, "send failed")  # rescores its in-flight samples, this share included
 
     def _on_scored(self, peer: Peer | None, scored: ScoredSample) -> None:
         sample = scored.sample
@@ -611,8 +629,7 @@ class Controller:
     def _reward_died(self, peer: Peer) -> None:
         self.counters.rewards_died += 1
         lost, peer.in_flight = list(peer.in_flight.values()), {}
-        for sample in lost:
-            self._score(sample)
+        self._score(lost)
 
     def _teacher_died(self, peer: Peer) -> None:
         if self.teachers is not None and peer.alias:

@@ -261,6 +261,36 @@ class ScoredSample(Message):
 
 
 @dataclass(frozen=True, eq=False)
+class SampleBatch(Message):
+    """Rollout -> controller -> reward: the Samples of one generation batch as one message.
+
+    Why: sent one message each, every sample cost the controller a wake-up, a
+    decode and a re-send to a reward worker (about 0.6 ms a sample, 20 ms per
+    worker per step at the tiny config, issue 14); one message per batch pays
+    the wake-up and the system calls once.
+    """
+
+    samples: tuple[Sample, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "samples", tuple(self.samples))
+        _check(all(isinstance(s, Sample) for s in self.samples), "SampleBatch", "samples",
+               self.samples, "Sample messages")
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredBatch(Message):
+    """Reward -> controller: the verdicts of every sample a reward worker scored in one pass."""
+
+    scored: tuple[ScoredSample, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "scored", tuple(self.scored))
+        _check(all(isinstance(s, ScoredSample) for s in self.scored), "ScoredBatch", "scored",
+               self.scored, "ScoredSample messages")
+
+
+@dataclass(frozen=True, eq=False)
 class WeightBucket(Message):
     """One contiguous buffer of a weight push: which tensors it holds, in order."""
 

@@ -1,7 +1,8 @@
 """The reward role: a CPU process that scores Samples for the controller.
 
-Receives Samples, scores every sample that has arrived since the last batch
-with `RewardWorker` (concurrent sandboxes), returns ScoredSamples. Never
+Receives Samples (in SampleBatch messages), scores every sample that has
+arrived since the last pass with `RewardWorker` (concurrent sandboxes) and
+returns their ScoredSamples as one ScoredBatch. Never
 raises on a bad sample (a crashing program, a failing sandbox or a buggy
 verifier all become reward 0 with a status), so one poisoned response costs
 one sample, not the run. Imports neither torch nor megatron.
@@ -14,7 +15,7 @@ import os
 import socket
 
 from megatron_ernie.rl.control import Heartbeats, Hello, connect, receive_work
-from megatron_ernie.rl.protocol import Sample
+from megatron_ernie.rl.protocol import Sample, SampleBatch, ScoredBatch
 from megatron_ernie.rl.reward.worker import RewardWorker
 
 log = logging.getLogger("megatron_ernie.rl.reward")
@@ -23,11 +24,12 @@ log = logging.getLogger("megatron_ernie.rl.reward")
 def serve(channel, worker: RewardWorker, rank: int = 0) -> int:
     """Score until Shutdown; returns the exit code (75 when the controller asks for a requeue)."""
     while True:
-        samples, code = receive_work(channel, Sample, f"reward {rank}", log)
+        items, code = receive_work(channel, (Sample, SampleBatch), f"reward {rank}", log)
         if code is not None:
             return code
-        for scored in worker.score(samples):
-            channel.send(scored)
+        samples = [s for item in items for s in (item.samples if isinstance(item, SampleBatch) else (item,))]
+        if samples:
+            channel.send(ScoredBatch(tuple(worker.score(samples))))  # one message for the whole pass
 
 
 def resolve_configured_tasks(tasks) -> None:

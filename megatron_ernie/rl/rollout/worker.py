@@ -3,7 +3,7 @@
 Loop: drain the controller's messages (prompt requests queue up; a SyncPlan is
 served at once: join the broadcast, load the weights, report), then generate
 one batch of queued prompts with the weights of the version currently held,
-send one Sample per response and a RolloutStats. Weights therefore change
+send the batch's Samples as one SampleBatch and a RolloutStats. Weights therefore change
 only between generation batches, and every Sample carries the version that
 produced it. A worker holds no state the run needs: when it dies, the
 controller reissues its prompts elsewhere.
@@ -20,7 +20,7 @@ from collections import deque
 import torch.distributed as dist
 
 from megatron_ernie.rl.control import Heartbeats, Hello, SyncDone, SyncPlan, RolloutStats, connect, recv_or_none
-from megatron_ernie.rl.protocol import PromptRequest, Sample, Shutdown
+from megatron_ernie.rl.protocol import PromptRequest, Sample, SampleBatch, Shutdown
 from megatron_ernie.rl.rollout.engine import GenerationEngine, SamplingParams
 from megatron_ernie.rl.task_tokenizer import tokenizer_for
 from megatron_ernie.rl.weight_sync import GroupAddress, connect_group, receive_weights
@@ -129,10 +129,9 @@ class RolloutWorker:
         else:
             generations = iter(self.engine.generate(prompts, params))
             samples = (self._sample(r, i, next(generations), version) for r in requests for i in range(r.n_samples))
-        tokens = 0
-        for sample in list(samples):
-            tokens += int(sample.loss_mask().sum())
-            self.channel.send(sample)
+        samples = tuple(samples)
+        tokens = sum(int(sample.loss_mask().sum()) for sample in samples)
+        self.channel.send(SampleBatch(samples))
         self.channel.send(RolloutStats(version, len(prompts), tokens, time.perf_counter() - start))
 
     def _sample(self, request: PromptRequest, index: int, generation, version: int) -> Sample:
