@@ -345,3 +345,25 @@ def test_samples_travel_as_one_message_per_batch_and_split_among_reward_workers(
         assert not peer.in_flight
     assert not ctl.pending and ctl.buffer.ready(2)
 
+
+
+def test_the_controller_scores_a_batch_itself_with_the_memo_when_no_reward_worker_is_alive(controller):
+    from megatron_ernie.config.errors import ConfigError
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.control import LockedChannel
+    import multiprocessing
+    import time
+
+    with pytest.raises(ConfigError, match=r"rl.system.reward_concurrency = 0"):
+        SystemConfig(reward_concurrency=0).validate("rl.system")
+    ctl = controller(lag=1, per_step=1)
+    ours, _ = multiprocessing.Pipe()
+    rollout = Peer("rollout", 0, 1, "h", LockedChannel(ours), time.monotonic(), version=0)
+    ctl.peers.append(rollout)
+    ctl._issue_prompts()
+    (request, _), = list(rollout.in_flight.values())[:1]
+    assert ctl.n == 2
+    ctl._dispatch(rollout, SampleBatch(tuple(sample(request.prompt_id, "arithmetic", request.reference,
+                                                    request.reference, i) for i in range(2))))
+    assert ctl._local_scorer().scored == 1  # the same answer twice, of a deterministic task: verified once
+    assert ctl.counters.samples_discarded == 0 and request.prompt_id not in ctl.pending

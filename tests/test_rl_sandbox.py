@@ -57,6 +57,47 @@ def namespaces(isolation):
         pytest.skip("namespaces unavailable here (needs root/CAP_SYS_ADMIN); the rlimits mode is tested below")
 
 
+def _boot_module():
+    import importlib.util
+
+    path = REPO / "megatron_ernie" / "rl" / "reward" / "sandbox_boot.py"
+    spec = importlib.util.spec_from_file_location("sandbox_boot_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _child_that_execs_after(setup_s: float, program: list[str]) -> tuple[int, int]:
+    """A child that 'builds its jail' for setup_s, reports, then execs program; (pid, report fd)."""
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_r)
+            time.sleep(setup_s)
+            os.write(report_w, b"layers: seccomp\n")
+            os.execv(program[0], program)
+        finally:
+            os._exit(127)
+    os.close(report_w)
+    return pid, report_r
+
+
+def test_the_wall_clock_starts_at_the_programs_exec_not_while_the_jail_is_built():
+    """A slow jail set-up (the kernel's mounts and namespaces on a busy host) must not use up the
+    program's wall-clock limit: 0.6 s of set-up, then a 0.2 s program, under a 0.5 s limit."""
+    boot = _boot_module()
+    pid, report_r = _child_that_execs_after(0.6, [shutil.which("sleep"), "0.2"])
+    report, started = boot.await_exec(report_r, limit_s=5.0)
+    outcome = boot.wait_with_deadline(pid, 0.5)
+    assert started and boot._parse_report(report) == (["seccomp"], "")
+    assert not outcome["timed_out"] and outcome["exit_code"] == 0
+    pid, report_r = _child_that_execs_after(3.0, [shutil.which("true")])
+    report, started = boot.await_exec(report_r, limit_s=0.3)  # the set-up has its own bound
+    assert not started and report == ""
+    assert boot.wait_with_deadline(pid, 0.0)["signal"] == 9
+
+
 def test_correct_program_scores_ok_and_sees_clean_environment(namespaces):
     code = "import os, sys\na, b = map(int, sys.stdin.read().split())\nprint(a + b)\nprint(sorted(os.environ))"
     result = run_python(code, stdin="19 23\n", config=LIMITS)

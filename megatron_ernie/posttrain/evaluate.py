@@ -94,7 +94,7 @@ class EvalSettings:
     batch: int = 32                     # prompts per generate() call
     agent_tasks: tuple[str, ...] = AGENT_TASKS
     agent_turns: int = DEFAULT_AGENT_TURNS
-    reward_workers: int = 2
+    reward_workers: int = 8              # concurrent sandboxes (see rl.system.reward_concurrency)
     budgets: dict = field(default_factory=dict)  # task -> max_new_tokens, before every other budget
 
     def validate(self) -> None:

@@ -52,7 +52,7 @@ from megatron_ernie.rl.control import (Failure, Hello, LockedChannel, RolloutSta
 from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, Sample, SampleBatch, ScoredBatch,
                                         ScoredSample, Shutdown, WeightsReady)
 from megatron_ernie.rl.judge.routing import JUDGE_ALIAS, judge_pool
-from megatron_ernie.rl.reward.worker import score_sample
+from megatron_ernie.rl.reward.worker import RewardWorker
 
 log = logging.getLogger("megatron_ernie.rl.controller")
 STATE_FORMAT = 1
@@ -190,6 +190,7 @@ class Controller:
         self.generation, self.members, self.sync_needed = 0, (), False
         self.first_ready_at: float | None = None
         self.reward_turn = 0
+        self._scorer: RewardWorker | None = None  # scores here while no reward worker is alive
         self.finishing = self.finished = False
         self.exit_code = 0
         self.requeue_requested = self._stop_signal = False
@@ -227,6 +228,8 @@ class Controller:
             self._issue_prompts()
             self._dispatch_batch()
         self._shutdown_all("requeue" if self.requeue_requested else "done")
+        if self._scorer is not None:
+            self._scorer.close()
         return self.exit_code
 
     def _accept_loop(self) -> None:
@@ -342,11 +345,17 @@ class Controller:
         (contiguous keeps a prompt's group together, so a worker's memo sees its repeats)."""
         shares = min(len(self._alive("reward")), len(samples))
         if not shares:
-            for sample in samples:
-                self._on_scored(None, score_sample(sample, self.cfg.rl.sandbox))
+            for scored in self._local_scorer().score(samples):
+                self._on_scored(None, scored)
             return
         for k in range(shares):
             self._send_to_reward(samples[k * len(samples) // shares: (k + 1) * len(samples) // shares])
+
+    def _local_scorer(self) -> RewardWorker:
+        """With no reward worker alive, the controller scores (memo and concurrent sandboxes included)."""
+        if self._scorer is None:
+            self._scorer = RewardWorker(self.cfg.rl.sandbox, self.system.reward_concurrency)
+        return self._scorer
 
     def _send_to_reward(self, share: list[Sample]) -> None:
         workers = self._alive("reward")  # a failed send below may have removed one

@@ -483,7 +483,6 @@ def run(spec: dict) -> dict:
     elif not spec["outer_root"]:
         spec["processes_already"] = 1  # we (the bootstrap) share the program's uid in its user namespace
     report_r, report_w = os.pipe2(os.O_CLOEXEC)  # closes by itself when exec succeeds
-    start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         os.close(report_r)
@@ -493,28 +492,50 @@ def run(spec: dict) -> dict:
             os.write(report_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
         os._exit(127)
     os.close(report_w)
-    outcome = wait_with_deadline(pid, spec["wall_s"])
+    report, started = await_exec(report_r, spec["setup_s"])
+    start = time.monotonic()  # the program's wall clock starts at its exec, not at the fork
+    if started:
+        outcome = wait_with_deadline(pid, spec["wall_s"])
+    else:
+        outcome = wait_with_deadline(pid, 0.0)  # kills the unfinished set-up
+        report += f"\nthe sandbox was not ready within {spec['setup_s']} s (an overloaded host?)"
     if mode == "rlimits":
         kill_leftovers(spec, cleaner and cleaner[0])
     cleaner_error = finish_keyring_cleaner(cleaner) if cleaner is not None else ""
     if mode == "rlimits":
         reap_orphans()
-    layers, setup_error = _read_report(report_r)
+    layers, setup_error = _parse_report(report)
     setup_error = setup_error or cleaner_error  # a later run must not see what this one stored
     return dict(outcome, isolation=mode, setup_error=setup_error, layers=layers, wall_s=time.monotonic() - start)
 
 
-def _read_report(report_r: int) -> tuple:
-    """(layers the child applied, its setup error or "") from the report pipe."""
-    chunks = []
-    while chunk := os.read(report_r, 4096):
+def await_exec(report_r: int, limit_s: float) -> tuple:
+    """(what the child reported, whether it got to its exec or its end within limit_s).
+
+    The child builds the jail, writes its report and execs the program; the
+    report pipe is close-on-exec, so it reads empty once the program runs (or
+    the child died). Why wait for it: building the jail waits on the kernel
+    (mounts, namespaces), seconds on a busy host, and that must not count
+    against the program's wall-clock limit.
+    """
+    deadline, chunks = time.monotonic() + limit_s, []
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not select.select([report_r], [], [], remaining)[0]:
+            break
+        chunk = os.read(report_r, 4096)
+        if not chunk:
+            return b"".join(chunks).decode(errors="replace"), True
         chunks.append(chunk)
-    text = b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace"), False
+
+
+def _parse_report(text: str) -> tuple:
+    """(layers the child applied, its setup error or "") from its report."""
     layers = []
     if text.startswith(LAYERS_PREFIX):
         first, _, text = text.partition("\n")
         layers = [name for name in first[len(LAYERS_PREFIX):].split(",") if name]
-    return layers, text[:4000]
+    return layers, text.strip()[:4000]
 
 
 def main() -> None:

@@ -46,12 +46,12 @@ def resolve_configured_tasks(tasks) -> None:
         resolve_task(task, f"rl.tasks[{i}]")
 
 
-def run_reward(cfg, system, rank: int, address, authkey: bytes, concurrency: int = 2) -> int:
+def run_reward(cfg, system, rank: int, address, authkey: bytes) -> int:
     resolve_configured_tasks(cfg.rl.tasks)
     channel = connect(address, authkey, Hello("reward", rank, os.getpid(), socket.gethostname()))
     beats = Heartbeats(channel, "reward", rank, system.heartbeat_s)
     try:
-        with RewardWorker(cfg.rl.sandbox, concurrency) as worker:
+        with RewardWorker(cfg.rl.sandbox, system.reward_concurrency) as worker:
             return serve(channel, worker, rank)
     except EOFError:
         log.error(f"reward {rank}: the controller closed the connection; exiting")
