@@ -35,8 +35,9 @@ class SystemConfig:
       sizes decide); reward_workers = 0 scores inside the controller.
     reward_concurrency: sandboxed programs one reward process (or the controller, with no reward
       workers) runs at once. A sandbox run mostly waits on the kernel (namespaces set up and torn
-      down), not the CPU: on 2 busy cores one run after another took 1.34 s a run, 8 at once
-      0.14 s a run, at the same CPU time per run (~0.13 s).
+      down), not the CPU (benchmarks/sandbox_concurrency.py, 2 cores): one run after another took
+      0.19 s a run idle and 1.34 s with two RL stages running, 8 at once 0.08 s and 0.14 s, at
+      the same CPU time per run.
     rollout_tensor: tensor-parallel size of one rollout model replica (megatron-core TP, no SP):
       rollout processes [k*t, (k+1)*t) generate together as replica k, so the number of
       rollout processes must be a multiple of it (rollout/replica.py).
