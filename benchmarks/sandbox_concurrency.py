@@ -34,7 +34,7 @@ def measure(runs: int, level: int, config: SandboxConfig) -> dict:
     with ThreadPoolExecutor(level) as pool:
         results = list(pool.map(lambda i: run_python(PROGRAM, f"{i} 2\n", config), range(runs)))
     wall = time.perf_counter() - start
-    wrong = [r.detail for r, i in zip(results, range(runs)) if r.status != "ok" or r.stdout.strip() != str(i + 2)]
+    wrong = [r.detail for i, r in enumerate(results) if r.status != "ok" or r.stdout.strip() != str(i + 2)]
     if wrong:
         raise RuntimeError(f"{len(wrong)} runs failed, e.g. {wrong[0]}")
     return {"level": level, "wall_ms": 1000 * wall / runs, "cpu_ms": 1000 * (cpu_seconds() - cpu) / runs,

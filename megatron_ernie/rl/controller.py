@@ -307,9 +307,8 @@ class Controller:
     def _dispatch(self, peer: Peer, message) -> None:
         handler = {
             Heartbeat: lambda m: None,
-            Sample: lambda m: self._on_samples(peer, (m,)),
             SampleBatch: lambda m: self._on_samples(peer, m.samples),
-            ScoredBatch: lambda m: [self._on_scored(peer, s) for s in m.scored] if peer.role == "reward" else None,
+            ScoredBatch: lambda m: self._on_verdicts(peer, m.scored),
             ScoredSample: lambda m: {"teacher": self._on_taught, "judge": self._on_judged}.get(
                 peer.role, self._on_scored)(peer, m),
             TeacherReady: lambda m: self._on_teacher_ready(peer, m),
@@ -325,6 +324,13 @@ class Controller:
             log.warning(f"{peer.name} sent an unexpected {type(message).__name__}; ignored")
             return
         handler(message)
+
+    def _on_verdicts(self, peer: Peer, verdicts) -> None:
+        if peer.role != "reward":
+            log.warning(f"{peer.name} sent reward verdicts, which only reward workers send; ignored")
+            return
+        for scored in verdicts:
+            self._on_scored(peer, scored)
 
     def _on_samples(self, peer: Peer, samples) -> None:
         self._score([s for s in samples if self._received(peer, s)])

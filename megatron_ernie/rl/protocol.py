@@ -109,6 +109,14 @@ def _array(obj, name: str, dtype, ndim: int, length: int | None = None, optional
     return arr
 
 
+def _messages(obj, name: str, kind: type) -> tuple:
+    """A field holding nested messages: stored as a tuple, every item a `kind`."""
+    items = tuple(getattr(obj, name))
+    object.__setattr__(obj, name, items)
+    _check(all(isinstance(m, kind) for m in items), type(obj).__name__, name, items, f"{kind.__name__} messages")
+    return items
+
+
 class Message:
     """Base of all messages: encoding, decoding and type registry."""
 
@@ -273,9 +281,7 @@ class SampleBatch(Message):
     samples: tuple[Sample, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "samples", tuple(self.samples))
-        _check(all(isinstance(s, Sample) for s in self.samples), "SampleBatch", "samples",
-               self.samples, "Sample messages")
+        _messages(self, "samples", Sample)
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,9 +291,7 @@ class ScoredBatch(Message):
     scored: tuple[ScoredSample, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "scored", tuple(self.scored))
-        _check(all(isinstance(s, ScoredSample) for s in self.scored), "ScoredBatch", "scored",
-               self.scored, "ScoredSample messages")
+        _messages(self, "scored", ScoredSample)
 
 
 @dataclass(frozen=True, eq=False)
@@ -316,9 +320,7 @@ class WeightsReady(Message):
 
     def __post_init__(self):
         _scalar("WeightsReady", "version", self.version, int, 0)
-        object.__setattr__(self, "buckets", tuple(self.buckets))
-        _check(all(isinstance(b, WeightBucket) for b in self.buckets), "WeightsReady", "buckets",
-               self.buckets, "WeightBucket messages")
+        _messages(self, "buckets", WeightBucket)
         _check([b.index for b in self.buckets] == list(range(len(self.buckets))), "WeightsReady", "buckets",
                [b.index for b in self.buckets], "bucket indices 0..n-1 in order")
 

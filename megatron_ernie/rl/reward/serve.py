@@ -15,7 +15,7 @@ import os
 import socket
 
 from megatron_ernie.rl.control import Heartbeats, Hello, connect, receive_work
-from megatron_ernie.rl.protocol import Sample, SampleBatch, ScoredBatch
+from megatron_ernie.rl.protocol import SampleBatch, ScoredBatch
 from megatron_ernie.rl.reward.worker import RewardWorker
 
 log = logging.getLogger("megatron_ernie.rl.reward")
@@ -24,10 +24,10 @@ log = logging.getLogger("megatron_ernie.rl.reward")
 def serve(channel, worker: RewardWorker, rank: int = 0) -> int:
     """Score until Shutdown; returns the exit code (75 when the controller asks for a requeue)."""
     while True:
-        items, code = receive_work(channel, (Sample, SampleBatch), f"reward {rank}", log)
+        batches, code = receive_work(channel, SampleBatch, f"reward {rank}", log)
         if code is not None:
             return code
-        samples = [s for item in items for s in (item.samples if isinstance(item, SampleBatch) else (item,))]
+        samples = [sample for batch in batches for sample in batch.samples]
         if samples:
             channel.send(ScoredBatch(tuple(worker.score(samples))))  # one message for the whole pass
 
