@@ -36,8 +36,15 @@ class ScalarWriter(NullWriter):
             self._writer.add_scalar(tag, float(value), step)
 
     def scalars(self, values: dict, step: int, prefix: str = "") -> None:
-        for tag, value in values.items():
-            self.scalar(prefix + tag, value, step)
+        """All values of a step as ONE event (a Summary with a value per tag), which TensorBoard's
+        reader splits into the same per-tag scalars. Why: add_scalar builds an event per tag; an RL
+        step logs ~55 tags, and 55 events took ~2 ms of the controller's step (issue 14), one 0.2 ms."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        items = [Summary.Value(tag=prefix + tag, simple_value=float(value))
+                 for tag, value in values.items() if value is not None]
+        if items:
+            self._writer._get_file_writer().add_summary(Summary(value=items), step)  # torch's own FileWriter
 
     def flush(self) -> None:
         self._writer.flush()
