@@ -137,3 +137,31 @@ def test_rollout_batch_wait_is_validated():
 
     with pytest.raises(ConfigError, match=r"rl.system.rollout_batch_wait_s.*-0.1"):
         SystemConfig(rollout_batch_wait_s=-0.1).validate("rl.system")
+
+
+def _write_trace(directory, name: str, lines: list[tuple]) -> None:
+    (directory / f"{name}-1.tsv").write_text("".join("\t".join(map(str, line)) + "\n" for line in lines))
+
+
+def test_step_timeline_lays_the_roles_lines_on_one_clock_and_takes_medians_over_steps(tmp_path):
+    """Three steps of 1.0 s; the controller's TrainBatch leaves at 0.50, 0.60, 0.55 s into them."""
+    from megatron_ernie.rl import trace
+
+    _write_trace(tmp_path, "trainer0", [(t, "send", "StepDone", "controller", 10) for t in (0.0, 1.0, 2.0, 3.0)]
+                 + [(t + 0.52, "recv", "TrainBatch", "controller", 999) for t in (0.0, 1.0, 2.0)])
+    _write_trace(tmp_path, "controller0", [(0.5, "send", "TrainBatch", "trainer0", 999),
+                                           (1.6, "send", "TrainBatch", "trainer0", 999),
+                                           (2.55, "send", "TrainBatch", "trainer0", 999),
+                                           (1.1, "send", "PromptRequest", "rollout0", 5),
+                                           (1.2, "send", "PromptRequest", "rollout0", 5)])
+    timeline = trace.step_timeline(trace.load(str(tmp_path)), skip_steps=0)
+    assert timeline[0] == {"step_s": pytest.approx(1.0), "steps": 3}
+    rows = {(r["role"], r["type"], r["which"]): r for r in timeline[1:]}
+    assert rows[("trainer0", "StepDone", "first")]["offset_s"] == 0.0
+    assert rows[("controller0", "TrainBatch", "first")]["offset_s"] == pytest.approx(0.55)
+    assert rows[("trainer0", "TrainBatch", "first")]["offset_s"] == pytest.approx(0.52)
+    # seen in one step of three: below half, left out (first and last alike)
+    assert ("controller0", "PromptRequest", "first") not in rows and ("controller0", "PromptRequest", "last") not in rows
+    assert [r["offset_s"] for r in timeline[1:]] == sorted(r["offset_s"] for r in timeline[1:])
+    assert "TrainBatch (first)" in trace.format_timeline(timeline)
+    assert trace.main([str(tmp_path), "--skip", "0"]) == 0

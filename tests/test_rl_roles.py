@@ -109,11 +109,11 @@ def test_user_tasks_are_scored_every_time_unless_they_declare_themselves_determi
 
 @pytest.fixture()
 def controller(tmp_path):
-    def make(lag: int, per_step: int = 2, steps: int = 3):
+    def make(lag: int, per_step: int = 2, steps: int = 3, inline: bool = False):
         cfg = C.load(None, [f'run.dir="{tmp_path}"', "rl.sampling.n_per_prompt=2", "rl.sampling.max_new_tokens=4",
                             f"train.iters={steps}", f"rl.buffer.max_policy_lag={lag}",
                             "rl.tasks=[{name='arithmetic'}]"])
-        system = SystemConfig(prompts_per_step=per_step, rollout_batch_prompts=1)
+        system = SystemConfig(prompts_per_step=per_step, rollout_batch_prompts=1, inline_rewards=inline)
         return Controller(cfg, system, listen(0, b"k"), ("127.0.0.1", 1), RunMetrics(str(tmp_path), False), 1,
                           tokenizer_for(cfg))
     return make
@@ -344,6 +344,41 @@ def test_samples_travel_as_one_message_per_batch_and_split_among_reward_workers(
         ctl._dispatch(peer, ScoredBatch(tuple(ScoredSample(s, float(s.sample_index), "ok") for s in share.samples)))
         assert not peer.in_flight
     assert not ctl.pending and ctl.buffer.ready(2)
+
+
+def test_inline_tasks_are_scored_by_the_controller_and_the_rest_reach_workers_without_arrays(controller):
+    """rl.system.inline_rewards: exact-match tasks are checked where their samples arrive; the reward
+    worker gets the other samples stripped of their arrays, and its verdicts are joined back to the
+    controller's own samples (arrays intact) before they enter the buffer."""
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.control import LockedChannel
+    import multiprocessing
+    import time
+
+    ctl = controller(lag=1, per_step=2, inline=True)
+    ours, _ = multiprocessing.Pipe()
+    rollout = Peer("rollout", 0, 1, "h", LockedChannel(ours), time.monotonic(), version=0)
+    ours, theirs = multiprocessing.Pipe()
+    reward, end = Peer("reward", 0, 1, "h", LockedChannel(ours), time.monotonic()), LockedChannel(theirs)
+    ctl.peers += [rollout, reward]
+    ctl._issue_prompts()
+    (arith, _), (other, _) = list(rollout.in_flight.values())
+    samples = [sample(arith.prompt_id, "arithmetic", arith.reference, arith.reference, i) for i in range(2)] + \
+              [sample(other.prompt_id, "code", "print(1)", "{}", i) for i in range(2)]
+    ctl._dispatch(rollout, SampleBatch(tuple(samples)))
+    share = end.recv()
+    assert [(s.task, s.sample_index) for s in share.samples] == [("code", 0), ("code", 1)]
+    assert all(len(s.response_tokens) == len(s.prompt_tokens) == 0 and s.routed_experts is None
+               for s in share.samples)
+    assert arith.prompt_id not in ctl.pending and other.prompt_id in ctl.pending  # arithmetic done here
+    ctl._dispatch(reward, ScoredBatch(tuple(ScoredSample(s, 0.25, "wrong") for s in share.samples)))
+    assert not reward.in_flight and not ctl.pending and ctl.buffer.ready(2)
+    groups = ctl.buffer.pop_batch(2)
+    by_task = {g[0].sample.task: g for g in groups}
+    assert [s.reward for s in by_task["arithmetic"]] == [1.0, 1.0]
+    assert [s.reward for s in by_task["code"]] == [0.25, 0.25]
+    assert all(list(s.sample.prompt_tokens) == [2, 3] and list(s.sample.response_tokens) == [4]
+               for g in groups for s in g)  # the verdicts carry the controller's whole samples
 
 
 

@@ -182,7 +182,7 @@ def test_tensor_parallel_rollout_replicas_run_rl_and_survive_a_lost_member(tmp_p
            "--set", f'run.dir="{run_dir}"', "--set", f"train.iters={steps}", "--set", "rl.system.rollout_tensor=2",
            "--set", "rl.buffer.max_policy_lag=0", "--set", "checkpoint.save_on_exit=false",
            "--rollout-workers", "4", "--reward-workers", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ERNIE_RL_TRACE": str(tmp_path / "trace")}
     log = tmp_path / "rl.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -202,6 +202,27 @@ def test_tensor_parallel_rollout_replicas_run_rl_and_survive_a_lost_member(tmp_p
     assert metrics[0]["rollout/alive_workers"] == 2 and metrics[-1]["rollout/alive_workers"] == 1
     # synchronous: each replica generates with the trainer's current weights (bf16 vs the fp32 trainer)
     assert all(0 <= m["policy/rollout_kl_k3"] < 1e-5 for m in metrics), [m["policy/rollout_kl_k3"] for m in metrics]
+    assert_synchronous_chain_in_trace(tmp_path / "trace", steps)
+
+
+def assert_synchronous_chain_in_trace(directory: Path, steps: int) -> None:
+    """ERNIE_RL_TRACE (rl/trace.py): every role's messages on one clock; at lag 0 a step is a strict chain."""
+    from megatron_ernie.rl import trace
+
+    events = trace.load(str(directory))
+    assert sorted({e[1] for e in events}) == ["controller0", "rollout0", "rollout1", "trainer0"]  # leaders only
+    sent = [e for e in events if e[1] == "trainer0" and e[2] == "send" and e[3] == "StepDone"]
+    got = [e for e in events if e[1] == "controller0" and e[2] == "recv" and e[3] == "StepDone"]
+    assert len(sent) == len(got) == steps and all(a[0] < b[0] for a, b in zip(sent, got))
+    offsets = {(r["role"], r["dir"], r["type"], r["peer"], r["which"]): r["offset_s"]
+               for r in trace.step_timeline(events)[1:]}
+    chain = [("trainer0", "send", "StepDone", "controller"), ("controller0", "recv", "StepDone", "trainer0"),
+             ("controller0", "send", "SyncPlan", "rollout0"), ("rollout0", "recv", "SyncPlan", "controller"),
+             ("rollout0", "send", "SyncDone", "controller"), ("controller0", "send", "PromptRequest", "rollout0"),
+             ("rollout0", "recv", "PromptRequest", "controller"), ("rollout0", "send", "SampleBatch", "controller"),
+             ("controller0", "send", "TrainBatch", "trainer0"), ("trainer0", "recv", "TrainBatch", "controller")]
+    times = [offsets[key + ("first",)] for key in chain]
+    assert times == sorted(times), list(zip(chain, times))
 
 
 @pytest.mark.slow

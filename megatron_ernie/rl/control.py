@@ -35,7 +35,8 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
-from megatron_ernie.rl.protocol import Message, ScoredSample, Shutdown, WeightsReady, _check, _scalar
+from megatron_ernie.rl.protocol import Message, ScoredSample, Shutdown, WeightsReady, _check, _scalar, decode
+from megatron_ernie.rl.trace import MessageTrace
 from megatron_ernie.rl.transport import PipeChannel
 
 ROLES = ("controller", "trainer", "rollout", "reward", "teacher", "judge")
@@ -238,10 +239,28 @@ class Failure(Message):
 class LockedChannel(PipeChannel):
     """A PipeChannel whose sends may come from two threads (the main loop and the heartbeat)."""
 
-    def __init__(self, connection):
+    def __init__(self, connection, trace: MessageTrace | None = None, peer: str = "controller"):
         super().__init__(connection)
         self._lock = threading.Lock()
+        self.trace, self.peer = trace, peer  # rl/trace.py: off unless ERNIE_RL_TRACE is set
         send_small_messages_at_once(connection)
+
+    def send(self, message: Message) -> None:
+        """Traced at the moment the bytes leave (after encoding), recv at the moment they have arrived
+        (before decoding): a hop's time on the trace is the carrier's plus the receiver's decode."""
+        data = message.to_bytes()
+        sent_at = time.monotonic()
+        self.send_bytes(data)
+        if self.trace is not None:
+            self.trace.record(sent_at, "send", type(message).__name__, self.peer, len(data))
+
+    def recv(self) -> Message:
+        data = self.recv_bytes()
+        arrived_at = time.monotonic()
+        message = decode(data)
+        if self.trace is not None:
+            self.trace.record(arrived_at, "recv", type(message).__name__, self.peer, len(data))
+        return message
 
     def send_bytes(self, data: bytes) -> None:
         with self._lock:
@@ -296,7 +315,7 @@ def connect(address: tuple[str, int], authkey: bytes, hello: Hello, timeout_s: f
     deadline, delay = time.monotonic() + timeout_s, 0.1
     while True:
         try:
-            channel = LockedChannel(Client(address, authkey=authkey))
+            channel = LockedChannel(Client(address, authkey=authkey), MessageTrace.from_env(hello.role, hello.rank))
             break
         except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError, socket.gaierror, OSError):
             if time.monotonic() > deadline:

@@ -52,7 +52,9 @@ from megatron_ernie.rl.control import (Failure, Hello, LockedChannel, RolloutSta
 from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, Sample, SampleBatch, ScoredBatch,
                                         ScoredSample, Shutdown, WeightsReady)
 from megatron_ernie.rl.judge.routing import JUDGE_ALIAS, judge_pool
-from megatron_ernie.rl.reward.worker import RewardWorker
+from megatron_ernie.rl.reward.worker import RewardWorker, score_sample
+from megatron_ernie.rl.tasks import get_task
+from megatron_ernie.rl.trace import MessageTrace
 
 log = logging.getLogger("megatron_ernie.rl.controller")
 STATE_FORMAT = 1
@@ -201,6 +203,7 @@ class Controller:
         self.teachers = self._teacher_pool(cfg.rl.distill, system)
         self.judges = judge_pool(cfg.rl.judge, system)
         self._new_connections: queue.Queue = queue.Queue()
+        self._trace = MessageTrace.from_env("controller", 0)
         threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
 
     @staticmethod
@@ -245,7 +248,7 @@ class Controller:
 
     def _adopt_connections(self) -> None:
         while not self._new_connections.empty():
-            channel = LockedChannel(self._new_connections.get())
+            channel = LockedChannel(self._new_connections.get(), self._trace, peer="?")
             if not channel.poll(10.0):
                 continue
             hello = channel.recv()
@@ -253,6 +256,7 @@ class Controller:
                 log.warning(f"first message was {type(hello).__name__}, not Hello; closing the connection")
                 channel.connection.close()
                 continue
+            channel.peer = f"{hello.role}{hello.rank}"
             self._register(Peer(hello.role, hello.rank, hello.pid, hello.host, channel, time.monotonic()))
 
     def _register(self, peer: Peer) -> None:
@@ -329,8 +333,12 @@ class Controller:
         if peer.role != "reward":
             log.warning(f"{peer.name} sent reward verdicts, which only reward workers send; ignored")
             return
-        for scored in verdicts:
-            self._on_scored(peer, scored)
+        for verdict in verdicts:  # the worker saw the sample without its arrays: join the verdict to ours
+            sample = peer.in_flight.get((verdict.sample.prompt_id, verdict.sample.sample_index))
+            if sample is None:
+                self.counters.samples_discarded += 1
+                continue
+            self._on_scored(peer, ScoredSample(sample, verdict.reward, verdict.status, verdict.detail))
 
     def _on_samples(self, peer: Peer, samples) -> None:
         self._score([s for s in samples if self._received(peer, s)])
@@ -347,11 +355,20 @@ class Controller:
         return True
 
     def _score(self, samples: list[Sample]) -> None:
-        """Split the samples into one contiguous share per alive reward worker, one message each
-        (contiguous keeps a prompt's group together, so a worker's memo sees its repeats)."""
+        """Reward workers get their shares first; tasks scored inline (rl.system.inline_rewards,
+        Task.inline) are then checked here, while the workers run."""
+        inline = [self.system.inline_rewards and _scored_inline(s.task) for s in samples]
+        self._send_for_scoring([s for s, here in zip(samples, inline) if not here])
+        for sample, here in zip(samples, inline):
+            if here:
+                self._on_scored(None, score_sample(sample, self.cfg.rl.sandbox))
+
+    def _send_for_scoring(self, samples: list[Sample]) -> None:
+        """One contiguous share per alive reward worker, one message each (contiguous keeps a
+        prompt's group together, so a worker's memo sees its repeats); none alive: scored here."""
         shares = min(len(self._alive("reward")), len(samples))
         if not shares:
-            for scored in self._local_scorer().score(samples):
+            for scored in self._local_scorer().score(samples) if samples else ():
                 self._on_scored(None, scored)
             return
         for k in range(shares):
@@ -366,13 +383,13 @@ class Controller:
     def _send_to_reward(self, share: list[Sample]) -> None:
         workers = self._alive("reward")  # a failed send below may have removed one
         if not workers:
-            self._score(share)
+            self._send_for_scoring(share)
             return
         worker = workers[self.reward_turn % len(workers)]
         self.reward_turn += 1
         for sample in share:
             worker.in_flight[(sample.prompt_id, sample.sample_index)] = sample
-        if not worker.send(SampleBatch(tuple(share))):
+        if not worker.send(SampleBatch(tuple(_for_scoring(s) for s in share))):
             self._on_dead(worker, "send failed")  # rescores its in-flight samples, this share included
 
     def _on_scored(self, peer: Peer | None, scored: ScoredSample) -> None:
@@ -494,6 +511,7 @@ class Controller:
         self.latest_ready, self.sync_needed = ready, True
         if self.first_ready_at is None:
             self.first_ready_at = time.monotonic()
+        self._maybe_plan_sync()  # now, not after the messages queued behind it (StepDone's logging)
 
     def _on_sync_done(self, peer: Peer, done: SyncDone) -> None:
         if not done.ok:
@@ -724,6 +742,26 @@ class Controller:
             self.listener.close()
         except OSError:
             pass
+
+
+def _scored_inline(task: str) -> bool:
+    try:
+        return get_task(task).inline
+    except KeyError:
+        return False  # unknown here: a reward worker reports it (status "error")
+
+
+def _for_scoring(sample: Sample) -> Sample:
+    """What a reward worker needs of a sample: its task, text and reference, without the arrays.
+
+    Why: a verifier reads the response text and the reference only; the token,
+    log-prob and routing arrays are most of a sample's encoding and decoding
+    time, paid twice on a reward hop (issue 14's hand-off). The controller keeps
+    the whole sample in the worker's in-flight table and joins the verdict to it.
+    """
+    empty = np.empty(0, dtype=np.int32)
+    return dataclasses.replace(sample, prompt_tokens=empty, response_tokens=empty,
+                               rollout_logprobs=np.empty(0, dtype=np.float32), routed_experts=None, env_mask=None)
 
 
 def install_signal_handlers(controller: Controller) -> None:

@@ -35,6 +35,7 @@ _PREAMBLE = struct.Struct("<4sHI")
 _MAX_HEADER_BYTES = 16 << 20
 _ALIGN = 8  # arrays start at multiples of 8 bytes, so decoding can view them in place
 _WIRE_DTYPES = {"<i2": np.int16, "<i4": np.int32, "<i8": np.int64, "<f4": np.float32, "|b1": np.bool_}
+_WIRE_NP_DTYPES = {k: np.dtype(v) for k, v in _WIRE_DTYPES.items()}
 
 # Outcome of scoring a sample. "ok": verified correct; "wrong"/"no_answer": checked and
 # incorrect / nothing to check; the rest: the program or the verifier failed (see detail).
@@ -87,9 +88,22 @@ def _int_bounds(dtype) -> tuple[int, int]:
 def _array(obj, name: str, dtype, ndim: int, length: int | None = None, optional: bool = False):
     """Coerce field `name` to a read-only array of `dtype` and check its rank and length."""
     value = getattr(obj, name)
-    msg = type(obj).__name__
     if value is None and optional:
         return None
+    if type(value) is np.ndarray and value.dtype == dtype and value.ndim == ndim and value.flags.c_contiguous:
+        arr = value  # already what the field holds (every decoded array): no conversion, no range to check
+    else:
+        arr = _converted(obj, name, value, dtype, ndim)
+    arr.setflags(write=False)
+    if length is not None and arr.shape[0] != length:
+        _check(False, type(obj).__name__, name, value, f"length {length} along the first axis")
+    object.__setattr__(obj, name, arr)
+    return arr
+
+
+def _converted(obj, name: str, value, dtype, ndim: int) -> np.ndarray:
+    """`value` as a contiguous array of `dtype`, refusing wrong kinds, ranks and out-of-range integers."""
+    msg = type(obj).__name__
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError):
@@ -101,12 +115,7 @@ def _array(obj, name: str, dtype, ndim: int, length: int | None = None, optional
         low, high = _int_bounds(dtype)
         if not (low <= arr.min() and arr.max() <= high):
             _check(False, msg, name, value, f"values within {np.dtype(dtype).name}")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
-    arr.setflags(write=False)
-    if length is not None:
-        _check(arr.shape[0] == length, msg, name, value, f"length {length} along the first axis")
-    object.__setattr__(obj, name, arr)
-    return arr
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def _messages(obj, name: str, kind: type) -> tuple:
@@ -370,14 +379,20 @@ def _encode_value(value, payload: bytearray):
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _field_names(cls) -> tuple[str, ...]:
+    """A message class's field names (dataclasses.fields is slow enough to show in every hop's time)."""
+    return tuple(f.name for f in fields(cls))
+
+
 def _encode_fields(message: Message, payload: bytearray) -> dict:
-    return {f.name: _encode_value(getattr(message, f.name), payload) for f in fields(message)}
+    return {name: _encode_value(getattr(message, name), payload) for name in _field_names(type(message))}
 
 
 def _decode_array(ref, payload: memoryview) -> np.ndarray:
     try:
         dtype, shape, offset, nbytes = ref
-        dtype = np.dtype(_WIRE_DTYPES[dtype])
+        dtype = _WIRE_NP_DTYPES[dtype]
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"bad array descriptor {ref!r}: {exc}") from None
     if not all(type(n) is int and n >= 0 for n in (*shape, offset, nbytes)):
@@ -405,9 +420,9 @@ def _build(type_name: str, encoded: dict, payload: memoryview) -> Message:
     cls = Message.registry.get(type_name)
     if cls is None:
         raise ProtocolError(f"unknown message type {type_name!r}; known: {sorted(Message.registry)}")
-    names = {f.name for f in fields(cls)}
-    if not isinstance(encoded, dict) or not set(encoded) <= names:
-        raise ProtocolError(f"{type_name}: unexpected fields {sorted(set(encoded or {}) - names)}")
+    names = _field_names(cls)
+    if not isinstance(encoded, dict) or not all(k in names for k in encoded):
+        raise ProtocolError(f"{type_name}: unexpected fields {sorted(set(encoded or {}) - set(names))}")
     try:
         return cls(**{k: _decode_value(v, payload) for k, v in encoded.items()})
     except TypeError as exc:

@@ -38,6 +38,10 @@ class SystemConfig:
       down), not the CPU (benchmarks/sandbox_concurrency.py, 2 cores): one run after another took
       0.19 s a run idle and 1.34 s with two RL stages running, 8 at once 0.08 s and 0.14 s, at
       the same CPU time per run.
+    inline_rewards: the controller scores tasks registered with inline=True (exact-match checks:
+      arithmetic, calc, open_ended) where their samples arrive, and sends only the rest (code in
+      the sandbox, user tasks) to reward workers. A reward-worker round trip costs milliseconds
+      of encoding per batch for microseconds of checking (issue 14's hand-off).
     rollout_tensor: tensor-parallel size of one rollout model replica (megatron-core TP, no SP):
       rollout processes [k*t, (k+1)*t) generate together as replica k, so the number of
       rollout processes must be a multiple of it (rollout/replica.py).
@@ -70,6 +74,7 @@ class SystemConfig:
     rollout_tensor: int = 1
     reward_workers: int = 1
     reward_concurrency: int = 8
+    inline_rewards: bool = True
     rollout_batch_prompts: int = 4
     rollout_batch_wait_s: float = 0.02
     rollout_dtype: str = "bf16"

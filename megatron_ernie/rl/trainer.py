@@ -119,8 +119,12 @@ class TrainerRole:
 
     # ------------------------------------------------------------ messages
     def _next_message(self):
-        """Rank 0 receives (serving SyncPlans on the way); every rank gets the same message."""
-        payload = [None]
+        """Rank 0 receives (serving SyncPlans on the way); every rank gets the same message.
+
+        Rank 0 keeps the message it decoded; only the other ranks decode the
+        broadcast copy (a TrainBatch's encoding and decoding are milliseconds
+        on the step's critical path, issue 14)."""
+        message, payload = None, [None]
         if self.rank == 0:
             start = time.perf_counter()
             message = self.channel.recv()
@@ -128,10 +132,12 @@ class TrainerRole:
                 self.publisher.submit(message)
                 message = self.channel.recv()
             self.idle_s += time.perf_counter() - start
+        if dist.get_world_size() == 1:
+            return message
+        if self.rank == 0:
             payload = [message.to_bytes()]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(payload, src=0)
-        return decode(payload[0])
+        dist.broadcast_object_list(payload, src=0)
+        return message if self.rank == 0 else decode(payload[0])
 
     def run(self) -> int:
         start = self._next_message()
@@ -159,10 +165,10 @@ class TrainerRole:
                             distill=self.cfg.rl.distill)
         metrics = self.trainer.train_step(batch)
         step_s = time.perf_counter() - start
+        self._publish()  # before StepDone: the controller plans the weight sync while it logs the step
         if self.rank == 0:
             self.channel.send(StepDone(self.trainer.version, json.dumps(metrics), step_s, self.idle_s))
             self.idle_s = 0.0
-        self._publish()
 
     def _publish(self) -> None:
         tensors = gather_global(self.trainer.views)

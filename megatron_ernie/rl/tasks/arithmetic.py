@@ -60,4 +60,4 @@ def reward(response: str, reference: str, sandbox=None):
 
 
 register_task("arithmetic", make_example, reward, description=__doc__.splitlines()[0], demo=demo,
-              deterministic=True)
+              deterministic=True, inline=True)

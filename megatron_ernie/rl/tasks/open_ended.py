@@ -109,4 +109,4 @@ def demo(seed: int, index: int, options: dict, wrong: bool = False) -> Demo:
 
 
 register_task("open_ended", make_example, reward, description=__doc__.splitlines()[0], demo=demo,
-              deterministic=True)
+              deterministic=True, inline=True)

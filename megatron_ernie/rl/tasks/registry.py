@@ -66,6 +66,10 @@ class Task:
     # the verdict is a function of (response, reference) alone, so a reward process may score
     # identical samples once (rl/reward/worker.py); off for user tasks unless they say so
     deterministic: bool = False
+    # the reward is microseconds of pure Python with no side effects (an exact-match check), so the
+    # controller scores it where the samples arrive: a reward-worker round trip would cost ~1000x
+    # more (issue 14's hand-off). Sandboxed and user tasks go to reward workers unless they say so.
+    inline: bool = False
 
     def examples(self, seed: int, start: int, count: int, options: dict | None = None) -> list[TaskExample]:
         return [self.make_example(seed, i, dict(options or {})) for i in range(start, start + count)]
@@ -83,14 +87,15 @@ _TASKS: dict[str, Task] = {}
 
 
 def register_task(name: str, make_example, reward, description: str = "", replace: bool = False,
-                  demo=None, deterministic: bool = False) -> Task:
+                  demo=None, deterministic: bool = False, inline: bool = False) -> Task:
     """Make a task available by name (the `name` of a [[rl.tasks]] entry). `deterministic=True`
-    promises the reward depends only on (response, reference): identical samples are scored once."""
+    promises the reward depends only on (response, reference): identical samples are scored once.
+    `inline=True` promises it is cheap and side-effect free: the controller scores it itself."""
     if not name or not isinstance(name, str):
         raise ValueError(f"task name {name!r}: use a non-empty string")
     if name in _TASKS and not replace:
         raise ValueError(f"task {name!r} is already registered: pick another name or pass replace=True")
-    _TASKS[name] = Task(name, make_example, reward, description, demo, deterministic)
+    _TASKS[name] = Task(name, make_example, reward, description, demo, deterministic, inline)
     return _TASKS[name]
 
 
