@@ -147,7 +147,7 @@ def test_step_timeline_lays_the_roles_lines_on_one_clock_and_takes_medians_over_
     """Three steps of 1.0 s; the controller's TrainBatch leaves at 0.50, 0.60, 0.55 s into them."""
     from megatron_ernie.rl import trace
 
-    _write_trace(tmp_path, "trainer0", [(t, "send", "StepDone", "controller", 10) for t in (0.0, 1.0, 2.0, 3.0)]
+    _write_trace(tmp_path, "trainer0", [(t, "send", "WeightsReady", "controller", 10) for t in (0.0, 1.0, 2.0, 3.0)]
                  + [(t + 0.52, "recv", "TrainBatch", "controller", 999) for t in (0.0, 1.0, 2.0)])
     _write_trace(tmp_path, "controller0", [(0.5, "send", "TrainBatch", "trainer0", 999),
                                            (1.6, "send", "TrainBatch", "trainer0", 999),
@@ -157,7 +157,7 @@ def test_step_timeline_lays_the_roles_lines_on_one_clock_and_takes_medians_over_
     timeline = trace.step_timeline(trace.load(str(tmp_path)), skip_steps=0)
     assert timeline[0] == {"step_s": pytest.approx(1.0), "steps": 3}
     rows = {(r["role"], r["type"], r["which"]): r for r in timeline[1:]}
-    assert rows[("trainer0", "StepDone", "first")]["offset_s"] == 0.0
+    assert rows[("trainer0", "WeightsReady", "first")]["offset_s"] == 0.0
     assert rows[("controller0", "TrainBatch", "first")]["offset_s"] == pytest.approx(0.55)
     assert rows[("trainer0", "TrainBatch", "first")]["offset_s"] == pytest.approx(0.52)
     # seen in one step of three: below half, left out (first and last alike)

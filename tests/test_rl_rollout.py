@@ -216,7 +216,7 @@ def assert_synchronous_chain_in_trace(directory: Path, steps: int) -> None:
     assert len(sent) == len(got) == steps and all(a[0] < b[0] for a, b in zip(sent, got))
     offsets = {(r["role"], r["dir"], r["type"], r["peer"], r["which"]): r["offset_s"]
                for r in trace.step_timeline(events)[1:]}
-    chain = [("trainer0", "send", "StepDone", "controller"), ("controller0", "recv", "StepDone", "trainer0"),
+    chain = [("trainer0", "send", "WeightsReady", "controller"), ("controller0", "recv", "WeightsReady", "trainer0"),
              ("controller0", "send", "SyncPlan", "rollout0"), ("rollout0", "recv", "SyncPlan", "controller"),
              ("rollout0", "send", "SyncDone", "controller"), ("controller0", "send", "PromptRequest", "rollout0"),
              ("rollout0", "recv", "PromptRequest", "controller"), ("rollout0", "send", "SampleBatch", "controller"),

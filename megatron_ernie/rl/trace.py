@@ -18,7 +18,8 @@ node). Heartbeats are not recorded. Off (no file, no cost beyond one
 attribute check) when the variable is unset.
 
 `step_timeline` folds the lines into one step: every event's offset from the
-step's start (the trainer sending StepDone), median over steps.
+step's start (the trainer publishing a weight version: WeightsReady), median
+over steps.
 """
 
 from __future__ import annotations
@@ -64,13 +65,15 @@ def load(directory: str) -> list[tuple[float, str, str, str, str, int]]:
 def step_timeline(events, skip_steps: int = 2) -> list[dict]:
     """One synchronous step as a list of hops: each event kind's median offset from the step start.
 
-    A step starts when the trainer sends StepDone and ends at its next one. An
+    A step starts when the trainer publishes new weights (WeightsReady, sent
+    just before its StepDone) and ends at the next publication: in between lie
+    the weight sync, the next round's prompts, generation, scoring and training. An
     event kind is (role, direction, type, peer); a kind seen several times in a
     step (the prompts of a round, say) gives a row for its first and its last
     occurrence. Kinds seen in fewer than half the steps are left out. The
     first `skip_steps` steps (start-up, first weight sync) are skipped.
     """
-    starts = [e[0] for e in events if e[1].startswith("trainer") and e[2] == "send" and e[3] == "StepDone"]
+    starts = [e[0] for e in events if e[1].startswith("trainer") and e[2] == "send" and e[3] == "WeightsReady"]
     windows = list(zip(starts, starts[1:]))[skip_steps:]
     offsets: dict[tuple, list[float]] = {}
     for begin, end in windows:
