@@ -365,7 +365,10 @@ def main(argv=None) -> int:
         results[seed]["scratch_full"] = scratch(args, cfg, None, "scratch_full", seed, out)["loss"]
         results[seed]["scratch_target"] = scratch(args, cfg, target, "scratch_target", seed, out)["loss"]
     gap = regime(results)
-    print(f"regime gate: target - full model, both from scratch: {gap:+.4f} nats (need >= {GATE_MIN_GAP})")
+    per_seed = ", ".join(f"seed {s}: full {r['scratch_full']:.4f}, target {r['scratch_target']:.4f}"
+                         for s, r in sorted(results.items()))
+    print(f"regime gate: target - full model, both from scratch: {gap:+.4f} nats (need >= {GATE_MIN_GAP}; "
+          f"{per_seed})")
     if gap < GATE_MIN_GAP and not args.force:
         print(f"not testable at this N: the full model is not ahead of the target, so a supernet has nothing to "
               f"pass down; train longer (--iters) or pass --force to run the arms anyway")
