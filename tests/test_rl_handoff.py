@@ -165,3 +165,16 @@ def test_step_timeline_lays_the_roles_lines_on_one_clock_and_takes_medians_over_
     assert [r["offset_s"] for r in timeline[1:]] == sorted(r["offset_s"] for r in timeline[1:])
     assert "TrainBatch (first)" in trace.format_timeline(timeline)
     assert trace.main([str(tmp_path), "--skip", "0"]) == 0
+
+
+def test_an_unwritable_trace_directory_is_a_clear_error(tmp_path, monkeypatch):
+    from megatron_ernie.config.errors import ConfigError
+    from megatron_ernie.rl import trace
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(trace.TRACE_ENV, str(blocker / "trace"))
+    with pytest.raises(ConfigError, match="ERNIE_RL_TRACE"):
+        trace.MessageTrace.from_env("rollout", 0)
+    monkeypatch.delenv(trace.TRACE_ENV)
+    assert trace.MessageTrace.from_env("rollout", 0) is None

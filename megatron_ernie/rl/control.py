@@ -312,10 +312,11 @@ def listen(port: int, authkey: bytes) -> Listener:
 
 def connect(address: tuple[str, int], authkey: bytes, hello: Hello, timeout_s: float = 300.0) -> LockedChannel:
     """Connect to the controller (retrying while it starts up) and introduce ourselves."""
+    trace = MessageTrace.from_env(hello.role, hello.rank)  # before the retry loop: its errors are not "no controller"
     deadline, delay = time.monotonic() + timeout_s, 0.1
     while True:
         try:
-            channel = LockedChannel(Client(address, authkey=authkey), MessageTrace.from_env(hello.role, hello.rank))
+            channel = LockedChannel(Client(address, authkey=authkey), trace)
             break
         except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError, socket.gaierror, OSError):
             if time.monotonic() > deadline:

@@ -43,7 +43,15 @@ class MessageTrace:
     @classmethod
     def from_env(cls, role: str, rank: int) -> "MessageTrace | None":
         directory = os.environ.get(TRACE_ENV)
-        return cls(directory, role, rank) if directory else None
+        if not directory:
+            return None
+        try:
+            return cls(directory, role, rank)
+        except OSError as exc:
+            from megatron_ernie.config.errors import ConfigError
+
+            raise ConfigError(TRACE_ENV, directory, f"cannot write trace files there ({exc.strerror}): "
+                                                    "point it at a writable directory, or unset it") from None
 
     def record(self, at: float, direction: str, message_type: str, peer: str, nbytes: int) -> None:
         """`at`: time.monotonic() when the message left or arrived."""
