@@ -154,6 +154,8 @@ def test_step_timeline_lays_the_roles_lines_on_one_clock_and_takes_medians_over_
                                            (2.55, "send", "TrainBatch", "trainer0", 999),
                                            (1.1, "send", "PromptRequest", "rollout0", 5),
                                            (1.2, "send", "PromptRequest", "rollout0", 5)])
+    with open(tmp_path / "controller0-1.tsv", "a") as f:
+        f.write("3.5\tsend\tTrain")  # a killed process's last line, cut short: skipped
     timeline = trace.step_timeline(trace.load(str(tmp_path)), skip_steps=0)
     assert timeline[0] == {"step_s": pytest.approx(1.0), "steps": 3}
     rows = {(r["role"], r["type"], r["which"]): r for r in timeline[1:]}

@@ -65,7 +65,10 @@ def load(directory: str) -> list[tuple[float, str, str, str, str, int]]:
     for path in Path(directory).glob("*.tsv"):
         role = path.stem.rsplit("-", 1)[0]
         for line in path.read_text().splitlines():
-            t, direction, kind, peer, nbytes = line.split("\t")
+            fields = line.split("\t")
+            if len(fields) != 5:
+                continue  # the last line of a killed process, cut short
+            t, direction, kind, peer, nbytes = fields
             events.append((float(t), role, direction, kind, peer, int(nbytes)))
     return sorted(events)
 
