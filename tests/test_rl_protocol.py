@@ -13,7 +13,8 @@ import pytest
 
 from megatron_ernie.rl import protocol
 from megatron_ernie.rl.protocol import (Heartbeat, PromptRequest, ProtocolError, ProtocolVersionError, Sample,
-                                        ScoredSample, Shutdown, WeightBucket, WeightsReady, decode)
+                                        SampleBatch, ScoredBatch, ScoredSample, Shutdown, WeightBucket, WeightsReady,
+                                        decode)
 from megatron_ernie.rl.transport import pipe_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,71 @@ def test_wire_layout_is_versioned_and_arrays_are_aligned():
                if isinstance(ref, dict) and "__array__" in ref)
 
 
+def mixed_batch() -> ScoredBatch:
+    """Samples of different lengths, one without routes, one with an env mask, a teacher on one."""
+    rng = np.random.default_rng(3)
+    scored = []
+    for i in range(5):
+        n_prompt, n_response = 3 + i, 1 + 2 * i
+        sample = make_sample(prompt_id=f"p{i // 2}", sample_index=i, prompt_tokens=rng.integers(0, 99, n_prompt),
+                             response_tokens=rng.integers(0, 99, n_response),
+                             rollout_logprobs=-rng.random(n_response),
+                             routed_experts=None if i == 1 else rng.integers(0, 8, (n_prompt + n_response, 3, 2)),
+                             env_mask=rng.random(n_response) < 0.5 if i == 3 else None, response_text=f"r{i}")
+        teacher = dict(teacher="arith", teacher_logprobs=-rng.random(n_response)) if i == 2 else {}
+        scored.append(ScoredSample(sample, reward=i / 4, status="ok" if i else "wrong", **teacher))
+    return ScoredBatch(tuple(scored))
+
+
+def test_a_batch_is_written_by_column_and_comes_back_exactly():
+    batch = mixed_batch()
+    data = batch.to_bytes()
+    back = decode(data)
+    for a, b in zip(batch.scored, back.scored, strict=True):
+        for name in protocol._field_names(ScoredSample):
+            x, y = getattr(a, name), getattr(b, name)
+            if isinstance(x, Sample):
+                for field in protocol._field_names(Sample):
+                    u, v = getattr(x, field), getattr(y, field)
+                    assert (u is None and v is None) or np.array_equal(u, v), field
+                    assert not isinstance(u, np.ndarray) or u.dtype == v.dtype, field
+            else:
+                assert (x is None and y is None) or np.array_equal(x, y), name
+    header = json.loads(data[10:10 + struct.unpack_from("<4sHI", data)[2]])
+    columns = header["fields"]["scored"]
+    assert (columns["__columns__"], columns["n"]) == ("ScoredSample", 5)
+    sample_columns = columns["fields"]["sample"]["fields"]
+    # one array per field for all five samples, split at their lengths
+    assert sample_columns["response_tokens"]["lengths"] == [1, 3, 5, 7, 9]
+    assert sample_columns["response_tokens"]["__ragged__"][1] == [25]
+    # some samples have no routes or env mask: those fields go item by item
+    assert [r is None for r in sample_columns["routed_experts"]["rows"]] == [False, True, False, False, False]
+    assert sum(r is None for r in sample_columns["env_mask"]["rows"]) == 4
+
+
+def test_forged_columns_are_rejected_with_the_field_named():
+    data = SampleBatch(tuple(make_sample(sample_index=i) for i in range(3))).to_bytes()
+    header_len = struct.unpack_from("<4sHI", data)[2]
+    header, payload = json.loads(data[10:10 + header_len]), data[10 + header_len:]
+
+    def tampered(edit):
+        forged = json.loads(json.dumps(header))
+        edit(forged["fields"]["samples"])
+        return forge(forged, payload)
+
+    with pytest.raises(ProtocolError, match="Sample.response_tokens column: lengths summing to 7"):
+        decode(tampered(lambda c: c["fields"]["response_tokens"].update(lengths=[2, 2, 3])))
+    with pytest.raises(ProtocolError, match="Sample.task column: 2 values for 3 items"):
+        decode(tampered(lambda c: c["fields"]["task"].update(rows=["a", "b"])))
+    with pytest.raises(ProtocolError, match="bad item count"):
+        decode(tampered(lambda c: c.update(n=0)))
+    # every item is still checked by its own schema
+    with pytest.raises(ProtocolError, match="Sample.finish_reason = 'eaten'"):
+        decode(tampered(lambda c: c["fields"]["finish_reason"].update(rows=["stop", "eaten", "stop"])))
+    with pytest.raises(ProtocolError, match="Sample.rollout_logprobs = .*length 2"):
+        decode(tampered(lambda c: c["fields"]["rollout_logprobs"].update(lengths=[1, 3, 2])))
+
+
 def test_decoded_arrays_are_read_only():
     back = Sample.from_bytes(make_sample().to_bytes())
     with pytest.raises(ValueError):
@@ -86,7 +152,7 @@ def test_decoded_arrays_are_read_only():
 def test_version_mismatch_is_a_clear_error():
     data = bytearray(Shutdown().to_bytes())
     struct.pack_into("<H", data, 4, protocol.PROTOCOL_VERSION + 1)
-    with pytest.raises(ProtocolVersionError, match="protocol version 2, this process speaks 1"):
+    with pytest.raises(ProtocolVersionError, match=f"protocol version {protocol.PROTOCOL_VERSION + 1}, this process speaks {protocol.PROTOCOL_VERSION}"):
         decode(bytes(data))
 
 
