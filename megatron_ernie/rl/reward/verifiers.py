@@ -16,6 +16,7 @@ Numbers compare exactly as fractions after normalisation: " 42.0" == "42",
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -39,8 +40,12 @@ class Verdict:
     detail: str = ""
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_number(text: str) -> Fraction | None:
-    """Exact value of a number written as an integer, decimal or fraction; None if it is not one."""
+    """Exact value of a number written as an integer, decimal or fraction; None if it is not one.
+
+    Cached (Fractions are immutable): answers and references repeat across a run's samples, and
+    building Fractions was most of the time of scoring arithmetic where samples arrive (issue 14)."""
     cleaned = text.strip().strip("$").strip().rstrip(".")
     if not _NUMBER.fullmatch(cleaned):
         return None
@@ -50,6 +55,7 @@ def parse_number(text: str) -> Fraction | None:
         return None
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_number(text: str) -> str | None:
     """Canonical text of a number: "42.0" -> "42", "+3" -> "3", "3.50" -> "3.5", "6/8" -> "0.75", "2/6" -> "1/3".
 
