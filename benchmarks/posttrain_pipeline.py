@@ -313,7 +313,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds (>= 2 for a spread)")
     p.add_argument("--out", default=str(ROOT / "runs" / "posttrain-bench"))
     p.add_argument("--quick", action="store_true", help="smoke run: a few steps per stage, 8 prompts")
-    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 100, quick 8)")
+    p.add_argument("--prompts", type=int, default=0, help="held-out prompts per domain (0: 128, quick 8)")
     p.add_argument("--samples", type=int, default=1, help="T=1 samples per prompt")
     p.add_argument("--score-only", action="store_true", help="train nothing: score and report the finished stages")
     p.add_argument("--evaluate-one", default="", help=argparse.SUPPRESS)
@@ -321,7 +321,7 @@ def parse_args(argv=None):
     p.add_argument("--plan", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.prompts = args.prompts or (8 if args.quick else 100)
+    args.prompts = args.prompts or (8 if args.quick else 128)
     return args
 
 
