@@ -152,7 +152,8 @@ def test_decoded_arrays_are_read_only():
 def test_version_mismatch_is_a_clear_error():
     data = bytearray(Shutdown().to_bytes())
     struct.pack_into("<H", data, 4, protocol.PROTOCOL_VERSION + 1)
-    with pytest.raises(ProtocolVersionError, match=f"protocol version {protocol.PROTOCOL_VERSION + 1}, this process speaks {protocol.PROTOCOL_VERSION}"):
+    version = protocol.PROTOCOL_VERSION
+    with pytest.raises(ProtocolVersionError, match=f"protocol version {version + 1}, this process speaks {version}"):
         decode(bytes(data))
 
 
@@ -326,3 +327,11 @@ def test_mpi_channel_between_two_ranks(tmp_path):
                           "mpi", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     check_peer_outputs(tmp_path)
+
+
+def test_arrays_of_different_ranks_in_one_column_go_item_by_item():
+    payload = bytearray()
+    column = protocol._encode_column([np.arange(3, dtype=np.int32), np.array(5, dtype=np.int32)], payload)
+    assert list(column) == ["rows"]
+    back = [protocol._decode_value(v, memoryview(bytes(payload))) for v in column["rows"]]
+    assert back[0].tolist() == [0, 1, 2] and back[1].shape == () and int(back[1]) == 5

@@ -407,7 +407,7 @@ def _encode_column(values: list, payload: bytearray) -> dict:
     first = values[0]
     if isinstance(first, np.ndarray) and first.ndim >= 1 and all(
             isinstance(v, np.ndarray) and v.dtype == first.dtype and v.shape[1:] == first.shape[1:]
-            for v in values):
+            and v.ndim == first.ndim for v in values):
         column = np.concatenate(values) if len(values) > 1 else first
         ref = _encode_value(column, payload)["__array__"]
         return {"__ragged__": ref, "lengths": [len(v) for v in values]}
