@@ -402,3 +402,12 @@ def test_the_controller_scores_a_batch_itself_with_the_memo_when_no_reward_worke
                                                     request.reference, i) for i in range(2))))
     assert ctl._local_scorer().scored == 1  # the same answer twice, of a deterministic task: verified once
     assert ctl.counters.samples_discarded == 0 and request.prompt_id not in ctl.pending
+
+
+def test_console_line_says_none_for_a_step_without_same_version_samples():
+    """A step whose samples were all stale has no numerics K3; the console says so instead of "nan"."""
+    from megatron_ernie.rl.metrics import _console_line
+    row = {"step": 3, "reward/mean": 0.5, "policy/rollout_kl_k3": 2e-3, "trainer/idle_fraction": 0.1,
+           "rollout/tokens_per_s": 100.0}
+    assert "(same-version none)" in _console_line(row)
+    assert "(same-version 4.0e-06)" in _console_line({**row, "policy/rollout_kl_k3_numerics": 4e-6})

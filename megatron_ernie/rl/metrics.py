@@ -171,11 +171,17 @@ class RunMetrics:
         self._jsonl.close()
 
 
+def _same_version_k3(r: dict) -> str:
+    """The numerics part of K3, or "none" when every sample of the step was stale (no same-version
+    tokens: there is nothing to measure, and "nan" would read as a numerical fault)."""
+    value = r.get("policy/rollout_kl_k3_numerics")
+    return "none" if value is None else f"{value:.1e}"
+
+
 def _console_line(r: dict) -> str:
     parts = [f"step {r['step']}", f"reward {r.get('reward/mean', float('nan')):.3f}",
              f"len {r.get('rollout/response_length', 0):.1f}", f"lag {r.get('staleness/lag_mean', 0):.2f}",
-             f"k3 {r.get('policy/rollout_kl_k3', 0):.2e} (same-version "
-             f"{r.get('policy/rollout_kl_k3_numerics', float('nan')):.1e})",
+             f"k3 {r.get('policy/rollout_kl_k3', 0):.2e} (same-version {_same_version_k3(r)})",
              f"entropy {r.get('policy/entropy', 0):.3f}", f"route-mismatch {r.get('routing/mismatch_own', 0):.4f}",
              f"idle {r['trainer/idle_fraction']:.2f}", f"rollout {r['rollout/tokens_per_s']:.0f} tok/s"]
     return " | ".join(parts)
