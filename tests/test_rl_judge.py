@@ -54,6 +54,27 @@ def test_judge_data_is_balanced_labelled_by_the_rubric_and_deterministic():
     assert split_indices(2_000_000, 500) == (2_000_000, 2_000_500)
 
 
+def test_judge_data_has_the_pseudo_words_a_sampling_policy_writes():
+    """"pseudo": no item is a word of any category (rubric 0); "partial": some right words, the rest
+    pseudo-words, so the rubric lies strictly between 0 and 1 whenever count > 1."""
+    from megatron_ernie.config.rl import TaskConfig
+    from megatron_ernie.rl.judge.data import judge_examples
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES, response_items
+
+    every_word = {w for words in CATEGORIES.values() for w in words}
+    for count in (1, 2, 5):
+        examples = judge_examples((TaskConfig(name="open_ended", options={"count": count}),), 0, 400, seed=5)
+        pseudo = [e for e in examples if e.kind == "pseudo"]
+        partial = [e for e in examples if e.kind == "partial"]
+        assert len(pseudo) == len(partial) == 25
+        for e in pseudo:
+            items = response_items(e.response)
+            assert len(items) == count and not set(items) & every_word and e.rubric == 0.0
+        for e in partial:
+            assert e.verdict == "n" and len(response_items(e.response)) == count
+            assert (0.0 < e.rubric < 1.0) if count > 1 else e.rubric == 0.0
+
+
 def test_judge_data_cli_writes_sft_jsonl_with_held_out_lines_last(tmp_path):
     from megatron_ernie.data.sft import read_jsonl
     from megatron_ernie.rl.judge.data import main

@@ -19,8 +19,14 @@ the over-optimisation Gao et al. 2022 measured for learned reward models).
 
 Examples are balanced: even indices are right answers, odd indices cycle
 through the negative kinds — off-category words, a repeated word, too few or
-too many words, a near miss (one word of another category) and a misspelt
-word — so the judge must read the words, not the length. Everything is a
+too many words, a near miss (one word of another category), a misspelt
+word, pseudo-words only, and a partial answer (some right words, the rest
+pseudo-words) — so the judge must read the words, not the length. The last
+two are what a small character-level policy writes when it samples at T=1
+("hawin,peal,awyewl" for "three tool:"): a judge that never saw them was at
+chance on the policy's own samples after 15 steps of general RL, and its
+score rose while the rubric stayed flat (session 12, benchmarks/
+posttrain_pipeline.py). Everything is a
 deterministic function of (seed, task, index); the held-out examples use the
 indices after the training ones (`split_indices`).
 
@@ -44,7 +50,7 @@ from megatron_ernie.config.errors import ConfigError
 SEPARATOR = "\n"
 VERDICT_YES, VERDICT_NO = "y", "n"
 FIRST_INDEX = 2_000_000  # judge examples: RL prompts start at 0, SFT demos at 1M, evaluation at 10M
-NEGATIVE_KINDS = ("off_category", "repeat", "too_few", "too_many", "near_miss", "misspelt")
+NEGATIVE_KINDS = ("off_category", "repeat", "too_few", "too_many", "near_miss", "misspelt", "pseudo", "partial")
 
 
 def judge_text(prompt: str, response: str) -> str:
@@ -88,10 +94,26 @@ def _open_ended_response(kind: str, category: str, count: int, rng: random.Rando
         items = right[: count + 1]
     elif kind == "near_miss":
         items = right[: count - 1] + [rng.choice(other)]
-    else:  # misspelt: one right word with a letter dropped (never another word of the category)
+    elif kind == "misspelt":  # one right word with a letter dropped (never another word of the category)
         items = right[: count - 1] + [_misspelt(right[count - 1], set(words), rng)]
+    else:  # pseudo (no right word) or partial (1..count-1 right words), the rest pseudo-words
+        keep = rng.randint(1, count - 1) if kind == "partial" and count > 1 else 0
+        items = right[:keep] + [_pseudo_word(words, rng) for _ in range(count - keep)]
     rng.shuffle(items)
     return ",".join(items)
+
+
+def _pseudo_word(words: list, rng: random.Random) -> str:
+    """A word-like string that is no word of any category: the head of one category word spliced to the
+    tail of another (how a character model's T=1 samples look), e.g. "pl" + "ach" -> "plach"."""
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES
+
+    every_word = {w for ws in CATEGORIES.values() for w in ws}
+    while True:
+        head, tail = rng.choice(words), rng.choice(words)
+        candidate = head[: rng.randint(1, len(head))] + tail[rng.randint(1, len(tail) - 1):]
+        if len(candidate) >= 2 and candidate not in every_word:
+            return candidate
 
 
 def _misspelt(word: str, valid: set, rng: random.Random) -> str:
