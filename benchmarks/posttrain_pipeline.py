@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -227,14 +228,30 @@ def cell(values: list[float]) -> tuple[float, float]:
     return sum(values) / len(values), (max(values) - min(values)) / 2
 
 
-def mode_table(per_seed: dict, mode: str) -> dict:
-    """{stage: {task: [value per seed]}} of one decoding mode, from {seed: {stage: {task: {mode: [m, se]}}}}."""
+def mode_table(per_seed: dict, mode: str, part: int = 0) -> dict:
+    """{stage: {task: [value per seed]}} of one decoding mode, from {seed: {stage: {task: {mode: [m, se]}}}};
+    part 0 takes the means, part 1 their standard errors over held-out prompts."""
     table: dict = {}
     for scores in per_seed.values():
         for stage, row in scores.items():
             for task, by_mode in row.items():
-                table.setdefault(stage, {}).setdefault(task, []).append(by_mode[mode][0])
+                table.setdefault(stage, {}).setdefault(task, []).append(by_mode[mode][part])
     return table
+
+
+def seed_mean_se(errors: list[float]) -> float:
+    """Standard error of the mean over seeds of independent cells, in points: sqrt(sum se_i^2) / n."""
+    return 100 * math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def recovery_se(got: float, gain: float, se_sft: float, se_expert: float, se_opd: float) -> float:
+    """Delta-method standard error of got / gain, where got = opd - sft and gain = expert - sft share the
+    SFT cell (covariance se_sft^2): Var(r) = (Var(got) + r^2 Var(gain) - 2 r se_sft^2) / gain^2."""
+    if gain <= 0:
+        return float("nan")
+    r = got / gain
+    var_got, var_gain = se_opd ** 2 + se_sft ** 2, se_expert ** 2 + se_sft ** 2
+    return math.sqrt(max(var_got + r * r * var_gain - 2 * r * se_sft ** 2, 0.0)) / gain
 
 
 def format_matrix(table: dict, tasks: list[str], title: str) -> str:
@@ -248,38 +265,60 @@ def format_matrix(table: dict, tasks: list[str], title: str) -> str:
     return "\n".join(lines)
 
 
-def targets(table: dict, experts: dict[str, list[str]], verifiable: list[str]) -> list[str]:
-    """The issue's targets on the seed-averaged table (points = 100 x mean reward)."""
+def targets(table: dict, experts: dict[str, list[str]], verifiable: list[str], errors: dict | None = None) -> list[str]:
+    """The issue's targets on the seed-averaged table (points = 100 x mean reward), each with its standard
+    error when `errors` (mode_table(..., part=1)) is given: with 128 prompts one cell's SE is ~3-4 points,
+    so a recovery fraction of a 10-point gain carries an SE of ~30-50% and a verdict near its threshold
+    says little; the SE tells the reader which verdicts are resolved. Cells are treated as independent;
+    every stage is scored on the same prompts, so the SE of a difference is, if anything, smaller."""
     mean = {stage: {t: 100 * cell(v)[0] for t, v in row.items()} for stage, row in table.items()}
+    se = {stage: {t: seed_mean_se(v) for t, v in row.items()} for stage, row in errors.items()} if errors else None
     avg = {stage: sum(row[t] for t in verifiable) / len(verifiable) for stage, row in mean.items()}
+
+    def diff_se(a: str, b: str, task: str) -> float | None:
+        return math.hypot(se[a][task], se[b][task]) if se else None
+
+    def avg_se(stage: str) -> float:
+        return math.sqrt(sum(se[stage][t] ** 2 for t in verifiable)) / len(verifiable)
+
     lines = []
     for name, tasks in experts.items():
         for task in tasks if f"experts/{name}" in mean and "sft" in mean else ():
-            gain = mean[f"experts/{name}"][task] - mean["sft"][task]
-            lines.append(_verdict(f"expert {name} gain over SFT on {task}", gain, gain >= 10, ">= 10 points"))
+            expert = f"experts/{name}"
+            gain = mean[expert][task] - mean["sft"][task]
+            lines.append(_verdict(f"expert {name} gain over SFT on {task}", gain, gain >= 10, ">= 10 points",
+                                  se=diff_se(expert, "sft", task)))
             if "opd" in mean:
                 got = mean["opd"][task] - mean["sft"][task]
                 frac = got / gain if gain > 0 else float("nan")
+                frac_se = (100 * recovery_se(got, gain, se["sft"][task], se[expert][task], se["opd"][task])
+                           if se else None)
                 lines.append(_verdict(f"OPD recovers of {name}'s gain on {task}", 100 * frac, frac >= 0.6,
-                                      f">= 60% (OPD {got:+.1f} of {gain:+.1f} points)", unit="%"))
+                                      f">= 60% (OPD {got:+.1f} of {gain:+.1f} points)", unit="%", se=frac_se))
     if "opd" in avg and all(f"experts/{n}" in avg for n in experts):
-        best = max(avg[f"experts/{n}"] for n in experts)
-        lines.append(_verdict("OPD average minus best expert average", avg["opd"] - best, avg["opd"] > best, "> 0"))
+        best_name = max(experts, key=lambda n: avg[f"experts/{n}"])
+        best = avg[f"experts/{best_name}"]
+        lines.append(_verdict("OPD average minus best expert average", avg["opd"] - best, avg["opd"] > best, "> 0",
+                              se=math.hypot(avg_se("opd"), avg_se(f"experts/{best_name}")) if se else None))
     if "general" in mean and "opd" in mean:
         for task in verifiable:
             change = mean["general"][task] - mean["opd"][task]
-            lines.append(_verdict(f"general RL change on {task}", change, change >= -3, ">= -3 points"))
+            lines.append(_verdict(f"general RL change on {task}", change, change >= -3, ">= -3 points",
+                                  se=diff_se("general", "opd", task)))
         for task in [t for t in mean["general"] if t not in verifiable]:  # the open-ended domains
             change = mean["general"][task] - mean["opd"][task]
-            lines.append(_verdict(f"general RL change on {task} (rubric)", change, change > 0, "> 0 points"))
+            lines.append(_verdict(f"general RL change on {task} (rubric)", change, change > 0, "> 0 points",
+                                  se=diff_se("general", "opd", task)))
     if BASELINE in avg and "opd" in avg:
         lines.append(_verdict("OPD average minus baseline average", avg["opd"] - avg[BASELINE],
-                              avg["opd"] > avg[BASELINE], "> 0 (not an issue target)"))
+                              avg["opd"] > avg[BASELINE], "> 0 (not an issue target)",
+                              se=math.hypot(avg_se("opd"), avg_se(BASELINE)) if se else None))
     return lines
 
 
-def _verdict(what: str, value: float, ok: bool, target: str, unit: str = " points") -> str:
-    return f"  {'PASS' if ok else 'MISS'}  {what}: {value:+.1f}{unit.strip() and unit}  (target {target})"
+def _verdict(what: str, value: float, ok: bool, target: str, unit: str = " points", se: float | None = None) -> str:
+    error = "" if se is None else f" ± {se:.1f} SE"
+    return f"  {'PASS' if ok else 'MISS'}  {what}: {value:+.1f}{unit.strip() and unit}{error}  (target {target})"
 
 
 def report(per_seed: dict, experts: dict[str, list[str]], verifiable: list[str], tasks: list[str]) -> str:
@@ -290,8 +329,8 @@ def report(per_seed: dict, experts: dict[str, list[str]], verifiable: list[str],
             out.append(format_matrix(mode_table({seed: scores}, mode), tasks, f"\n[{mode}] seed {seed}"))
         table = mode_table(per_seed, mode)
         out.append(format_matrix(table, tasks, f"\n[{mode}] mean ± half-range over seeds {list(per_seed)}"))
-        out.append(f"[{mode}] targets:")
-        out.extend(targets(table, experts, verifiable))
+        out.append(f"[{mode}] targets (± the standard error over held-out prompts, seeds pooled):")
+        out.extend(targets(table, experts, verifiable, mode_table(per_seed, mode, part=1)))
     return "\n".join(out)
 
 

@@ -62,3 +62,21 @@ def test_targets_miss_a_negative_expert_gain():
     lines = bench.targets(bench.mode_table({1: scores}, "greedy"), {"ea": ["a"], "eb": ["b"]}, ["a", "b"])
     assert any(line.startswith("  MISS  expert ea gain over SFT on a: -5.0") for line in lines)
     assert any("OPD recovers of ea's gain on a: +nan%" in line for line in lines)
+
+
+def test_targets_carry_standard_errors_from_the_cells():
+    """Every cell has SE 5 points (one seed): a difference has sqrt(50) = 7.1; OPD's 30 of ea's 40 points
+    (shared SFT cell) has sqrt(50 + 0.75^2 * 50 - 2 * 0.75 * 25) / 40 = 15.9%; with two seeds of SE 5
+    each the seed mean's SE is 5 / sqrt(2) and a difference 5.0."""
+    table = bench.mode_table({1: _seed(0.0)}, "greedy")
+    errors = bench.mode_table({1: _seed(0.0)}, "greedy", part=1)
+    text = "\n".join(bench.targets(table, {"ea": ["a"], "eb": ["b"]}, ["a", "b"], errors))
+    assert "PASS  expert ea gain over SFT on a: +40.0 points ± 7.1 SE" in text
+    assert "PASS  OPD recovers of ea's gain on a: +75.0% ± 15.9 SE" in text
+    assert "MISS  general RL change on b: -10.0 points ± 7.1 SE" in text
+    assert "PASS  OPD average minus best expert average: +15.0 points ± 5.0 SE" in text  # averages of 2 cells
+    two = {1: _seed(0.0), 2: _seed(0.0)}
+    text = "\n".join(bench.targets(bench.mode_table(two, "greedy"), {"ea": ["a"], "eb": ["b"]}, ["a", "b"],
+                                   bench.mode_table(two, "greedy", part=1)))
+    assert "expert ea gain over SFT on a: +40.0 points ± 5.0 SE" in text
+    assert bench.seed_mean_se([0.03, 0.04]) == pytest.approx(2.5)
