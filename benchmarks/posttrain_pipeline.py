@@ -342,6 +342,8 @@ def judge_report(judges: dict) -> str:
                                            f"mean p(y) {j['mean_score_yes']:.3f} (rubric y) vs "
                                            f"{j['mean_score_no']:.3f} (rubric n), {j['examples']} examples"
                                            if j else "no judge stage"))
+        if j and j.get("by_kind"):
+            lines.append("    mean p(y) by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in j["by_kind"].items()))
     return "\n".join(lines)
 
 

@@ -120,6 +120,20 @@ def test_agreement_on_a_hand_made_case():
         agreement([0.5], [1.0, 0.0])
 
 
+def test_agreement_by_kind_shows_what_the_judge_reads():
+    from dataclasses import replace
+
+    from megatron_ernie.rl.judge.agreement import agreement, mean_by_kind
+
+    kinds = ["right", "pseudo", "right", "too_few", "pseudo"]
+    by_kind = mean_by_kind(kinds, [0.9, 0.5, 0.7, 0.1, 0.3])
+    assert list(by_kind) == ["right", "pseudo", "too_few"]
+    assert by_kind == pytest.approx({"right": 0.8, "pseudo": 0.4, "too_few": 0.1})
+    a = replace(agreement([0.9, 0.1], [1.0, 0.0]), by_kind=by_kind)
+    assert a.line().endswith("mean p(y) by kind: right 0.80, pseudo 0.40, too_few 0.10")
+    assert "by kind" not in agreement([0.9, 0.1], [1.0, 0.0]).line()
+
+
 # --------------------------------------------------------------- routing
 def scored(task, reward, rubric=None):
     return SimpleNamespace(sample=SimpleNamespace(task=task), reward=reward, rubric_reward=rubric)

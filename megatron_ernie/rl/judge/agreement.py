@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 
@@ -29,11 +29,17 @@ class Agreement:
     correlation: float  # nan when either side is constant
     mean_score_yes: float  # the judge's mean score where the rubric says "y"
     mean_score_no: float
+    by_kind: dict = field(default_factory=dict)  # example kind (judge/data.py) -> the judge's mean score
 
     def line(self) -> str:
         return (f"judge-rubric agreement on {self.examples} held-out examples: accuracy {self.accuracy:.3f}, "
                 f"Pearson r {self.correlation:.3f}, mean p(y) {self.mean_score_yes:.3f} (rubric y) vs "
-                f"{self.mean_score_no:.3f} (rubric n)")
+                f"{self.mean_score_no:.3f} (rubric n)" + (f"\n  {self.kinds_line()}" if self.by_kind else ""))
+
+    def kinds_line(self) -> str:
+        """Mean p(y) per kind of example: which faults the judge sees. A judge that rejects too_few and
+        too_many but not pseudo or off_category counts words without reading them."""
+        return "mean p(y) by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in self.by_kind.items())
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -67,7 +73,16 @@ def judge_agreement(scorer, tokenizer, examples, batch: int = 64) -> Agreement:
         inputs = [tokenizer.encode(judge_text(e.prompt, e.response))[: scorer.max_seq_length] for e in chunk]
         scores += yes_probabilities(scorer.model, inputs, scorer.yes_id, tokenizer.vocab_size,
                                     tokenizer.pad_id).tolist()
-    return agreement(scores, [e.rubric for e in examples])
+    return replace(agreement(scores, [e.rubric for e in examples]),
+                   by_kind=mean_by_kind([e.kind for e in examples], scores))
+
+
+def mean_by_kind(kinds: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
+    """The mean score of each kind, in order of first appearance."""
+    groups: dict[str, list[float]] = {}
+    for kind, score in zip(kinds, scores, strict=True):
+        groups.setdefault(kind, []).append(score)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
 def main(argv=None) -> int:
