@@ -23,12 +23,13 @@ too many words, a near miss (one word of another category), a misspelt
 word, pseudo-words only, and a partial answer (some right words, the rest
 pseudo-words) — so the judge must read the words, not the length. The last
 two are what a small character-level policy writes when it samples at T=1
-("hawin,peal,awyewl" for "three tool:"): a judge that never saw them was at
-chance on the policy's own samples after 15 steps of general RL, and its
-score rose while the rubric stayed flat (session 12, benchmarks/
-posttrain_pipeline.py). Everything is a
-deterministic function of (seed, task, index); the held-out examples use the
-indices after the training ones (`split_indices`).
+("hawin,peal,awyewl" for "three tool:"); a judge that never saw them was at
+chance on the policy's own samples after 15 steps of general RL. With them,
+the benchmark's tiny judge still does not read words (mean p(y) of pseudo-
+word answers 0.29 after 400 steps, 0.25 after 1200, right answers 0.67-0.70;
+`judge_agreement`'s by-kind line shows it). Everything is a deterministic
+function of (seed, task, index); the held-out examples use the indices
+after the training ones (`split_indices`).
 
 Use: `ernie judge-data --tasks open_ended --out judge.jsonl --examples 2000
 --valid 200` writes SFT JSONL (held-out lines last, as sft.valid_examples
