@@ -179,12 +179,21 @@ def scratch(args, cfg, subnet_text, name, seed, out: Path) -> dict:
     return cached(run_dir, lambda: {"loss": last_valid(pretrain(args.nproc, config, run_dir, sets, name))})
 
 
+def recipe_of(arm: str) -> str:
+    """The supernet recipe an arm trains: "kd" shares the "targets" supernet (only its continuation differs)."""
+    return "targets" if arm == "kd" else arm
+
+
+def supernet_dir(seed_dir: Path, arm: str) -> Path:
+    return seed_dir / f"{recipe_of(arm)}_supernet"
+
+
 def supernet_arm(args, cfg, arm, target, seed, out: Path) -> dict:
     """Supernet of one recipe, then the target extracted (+ Adam moments, data position) and continued.
     Arm "kd" is the "targets" supernet (shared) continued with the frozen supernet as its teacher."""
     seed_dir = out / f"seed{seed}"
-    recipe_arm = "targets" if arm == "kd" else arm
-    sup = seed_dir / f"{recipe_arm}_supernet"
+    recipe_arm = recipe_of(arm)
+    sup = supernet_dir(seed_dir, arm)
     sets = [*MODEL, *ELASTIC, *recipe(recipe_arm, args.iters, target), f"run.seed={seed}", f"train.iters={args.iters}",
             f"train.eval_interval={args.iters}", f"train.eval_iters={args.valid_iters}",
             f"checkpoint.save_interval={args.iters}"]
@@ -383,12 +392,12 @@ def main(argv=None) -> int:
         for seed in args.seed_list[1:]:
             results[seed][arm].pop("sets")
         flops = supernet_flops(sets, args.iters)
-        check_logged(arm, out / f"seed{args.seed_list[0]}" / f"{arm}_supernet", flops["active_mean"])
+        check_logged(arm, supernet_dir(out / f"seed{args.seed_list[0]}", arm), flops["active_mean"])
         cont = results[args.seed_list[0]][arm]["continue_iters"] * tokens_per_iter
         costs[f"{arm}: supernet (N tokens)"] = flops["total"]
         teacher = plain_flops(rows, full, cont) // 3 if arm == "kd" else 0  # the teacher's forward passes
         costs[f"{arm}: supernet + continuation"] = flops["total"] + plain_flops(rows, target, cont) + teacher
-    family = json.loads((out / f"seed{args.seed_list[0]}" / f"{args.arm_list[0]}_supernet" / "elastic"
+    family = json.loads((supernet_dir(out / f"seed{args.seed_list[0]}", args.arm_list[0]) / "elastic"
                          / "family.json").read_text()) if args.arm_list else []
     if family:
         costs[f"the family's {len(family)} members, each from scratch"] = sum(
