@@ -365,6 +365,9 @@ def parse_args(argv=None):
     p.add_argument("--plan", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name in ("prompts", "samples"):  # checked here, not by the scoring subprocess after every stage trained
+        if getattr(args, name) < 0:
+            p.error(f"--{name} {getattr(args, name)}: use a positive count, or 0 for the default")
     args.prompts = args.prompts or (8 if args.quick else 128)
     args.samples = args.samples or (1 if args.quick else 4)
     return args

@@ -80,3 +80,12 @@ def test_targets_carry_standard_errors_from_the_cells():
                                    bench.mode_table(two, "greedy", part=1)))
     assert "expert ea gain over SFT on a: +40.0 points ± 5.0 SE" in text
     assert bench.seed_mean_se([0.03, 0.04]) == pytest.approx(2.5)
+
+
+def test_counts_default_and_refuse_negatives_before_anything_trains(capsys):
+    args = bench.parse_args([])
+    assert (args.prompts, args.samples) == (128, 4)
+    assert (bench.parse_args(["--quick"]).prompts, bench.parse_args(["--quick"]).samples) == (8, 1)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--samples", "-1"])
+    assert "--samples -1: use a positive count" in capsys.readouterr().err
