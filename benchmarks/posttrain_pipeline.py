@@ -343,7 +343,9 @@ def judge_report(judges: dict) -> str:
                                            f"{j['mean_score_no']:.3f} (rubric n), {j['examples']} examples"
                                            if j else "no judge stage"))
         if j and j.get("by_kind"):
-            lines.append("    mean p(y) by kind: " + ", ".join(f"{k} {v:.2f}" for k, v in j["by_kind"].items()))
+            from megatron_ernie.rl.judge.agreement import Agreement
+
+            lines.append("    " + Agreement(**j).kinds_line())
     return "\n".join(lines)
 
 

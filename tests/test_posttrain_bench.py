@@ -89,3 +89,11 @@ def test_counts_default_and_refuse_negatives_before_anything_trains(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--samples", "-1"])
     assert "--samples -1: use a positive count" in capsys.readouterr().err
+
+
+def test_judge_report_lists_the_mean_score_by_kind():
+    judged = {"examples": 4, "accuracy": 0.75, "correlation": 0.5, "mean_score_yes": 0.7, "mean_score_no": 0.3,
+              "by_kind": {"right": 0.7, "pseudo": 0.29}}
+    lines = bench.judge_report({1: judged, 2: None}).splitlines()
+    assert lines[3] == "    mean p(y) by kind: right 0.70, pseudo 0.29"
+    assert lines[4] == "  seed 2: no judge stage"
