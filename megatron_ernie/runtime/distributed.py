@@ -8,6 +8,8 @@ megatron-core runs.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
 
@@ -30,10 +32,37 @@ def init_distributed(timeout_s: int = 600) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(seconds=timeout_s)
         if _alone():  # a world of one needs no rendezvous, so no port that another job may hold
-            dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            init_world_of_one(timeout)
         else:
             dist.init_process_group(backend(), timeout=timeout)
+            _destroy_gloo_at_exit()
     return dist.get_world_size()
+
+
+def init_world_of_one(timeout: datetime.timedelta = datetime.timedelta(seconds=600)) -> None:
+    """This process alone as the default group (single-process tools, and the RL roles' own models)."""
+    dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    _destroy_gloo_at_exit()
+
+
+def _destroy_gloo_at_exit() -> None:
+    """Gloo only: NCCL's teardown is collective-sensitive (a rank whose peers died can hang in it)."""
+    if backend() == "gloo":
+        atexit.register(_destroy_before_finalization)
+
+
+def _destroy_before_finalization() -> None:
+    """Destroy a group still alive at exit while Python still runs (an atexit hook).
+
+    Gloo's worker threads can hold finished work whose tensors keep Python
+    references; left to interpreter finalization, freeing them aborts the
+    process (SIGABRT, "terminate called without an active exception"), so a
+    command that had already printed its error and chosen exit status 2 died
+    with -6 instead. torch does not do this itself (pytorch PR 179291 tried).
+    """
+    if dist.is_initialized():
+        with contextlib.suppress(RuntimeError, ValueError):  # exiting anyway: never a second error
+            dist.destroy_process_group()
 
 
 def _alone() -> bool:

@@ -35,7 +35,7 @@ def init_solo_world(seed: int):
 
     cpu_compat.apply()
     if not dist.is_initialized():
-        dist.init_process_group(distributed.backend(), store=dist.HashStore(), rank=0, world_size=1)
+        distributed.init_world_of_one()
     groups = G.build_groups(ParallelDims(world=1))
     G.model_parallel_seed(seed)
     return groups
