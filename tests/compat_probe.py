@@ -91,12 +91,22 @@ def run_all() -> dict:
     return out
 
 
+def native_torch_check(cpu_compat) -> dict:
+    """Inside native_torch() a CUDA device is not rewritten (the mode is bypassed); after it, it is again."""
+    with cpu_compat.native_torch():
+        try:
+            inside = torch.zeros(1, device="cuda").device.type
+        except Exception as err:  # a CPU-only torch cannot make a CUDA tensor
+            inside = type(err).__name__
+    return {"inside": inside, "after": torch.zeros(1, device="cuda").device.type}
+
+
 if __name__ == "__main__":
     before = run_all()
     from megatron_ernie.runtime import cpu_compat
 
     applied = cpu_compat.apply()
     after = run_all()
-    print(json.dumps({"applied": applied, "before": before, "after": after,
+    print(json.dumps({"applied": applied, "before": before, "after": after, "native": native_torch_check(cpu_compat),
                       "patches": [p.name for p in cpu_compat.PATCHES]}))
     sys.exit(0)

@@ -39,6 +39,13 @@ def test_patch_is_needed_and_works(probe, name):
     assert probe["after"][name] == "ok", probe["after"][name]
 
 
+def test_native_torch_bypasses_the_device_mode_only_inside(probe):
+    """Hot paths of this project's own tensor code opt out of the mode's per-call cost; a CUDA
+    device named inside is then not rewritten (so the opt-out really bypasses it), and after the
+    block the mode is back."""
+    assert probe["native"]["inside"] != "cpu" and probe["native"]["after"] == "cpu"
+
+
 def test_every_patch_is_documented():
     from megatron_ernie.runtime import cpu_compat
 

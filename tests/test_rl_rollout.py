@@ -117,9 +117,20 @@ def reference_layouts(tmp_path_factory):
     four = ["model.num_layers=4"]
     case = {"layouts": {"dp2": four, "pp2": four + ["parallel.pipeline=2"],
                         "pp2_vpp2": four + ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
-                        "tp2": four + ["parallel.tensor=2", "parallel.sequence_parallel=true"]}, "anchor": "pp2_vpp2"}
+                        "tp2": four + ["parallel.tensor=2", "parallel.sequence_parallel=true"]}, "anchor": "pp2_vpp2",
+            "gather_layouts": {"ep2": ["parallel.expert=2"]}}
     torchrun(2, [ROOT / "tests" / "dist" / "rl_worker.py", "reference_layouts", out, json.dumps(case)], timeout=600)
     return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["dp2", "pp2", "pp2_vpp2", "tp2", "ep2"])
+def test_the_published_weights_equal_every_ranks_shards(reference_layouts, layout):
+    """What the trainer publishes (gather_global on rank 0): every rank's shard equals its slice of
+    it, whether the tensor is whole on rank 0 (copied once), on another stage, or split by TP/EP."""
+    got = reference_layouts[f"gather:{layout}"]
+    assert got["mismatched"] == 0 and got["shards"] >= got["keys"] > 10
+    assert got["dtypes"] == ["torch.float32"]
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from megatron.core.utils import unwrap_model
 from megatron_ernie.model.init import local_shards
 
 from megatron_ernie.rl.protocol import WeightBucket, WeightsReady
+from megatron_ernie.runtime.cpu_compat import native_torch
 
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -69,7 +70,7 @@ def load_global(views: dict[str, list[ShardedTensor]], tensors) -> None:
     if missing:
         raise KeyError(f"weight update lacks {len(missing)} tensors, e.g. {missing[:3]}: trainer and rollout "
                        "must build the same model (model/moe sections)")
-    with torch.no_grad():
+    with torch.no_grad(), native_torch():
         for key, shards in views.items():
             full = tensors[key]
             for sh in shards:
@@ -108,27 +109,37 @@ def gather_global(views, group=None, dst: int = 0) -> dict[str, torch.Tensor] | 
     if size > 1:
         metas = [None] * size
         dist.all_gather_object(metas, mine, group=group)
-    if rank != dst:
-        for key, i, *_ in mine:
-            dist.send(views[key][i].data.detach().float().contiguous(), dist.get_global_rank(group, dst)
-                      if group is not None else dst, group=group)
-        return None
-    return _assemble(views, metas, rank, group)
+    with native_torch():
+        if rank != dst:
+            for key, i, *_ in mine:
+                dist.send(views[key][i].data.detach().float().contiguous(), dist.get_global_rank(group, dst)
+                          if group is not None else dst, group=group)
+            return None
+        return _assemble(views, metas, rank, group)
 
 
 def _assemble(views, metas, rank: int, group) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for src, meta in enumerate(metas):
         for key, i, shape, offset, local_shape, prepend in meta:
-            full = tensors.setdefault(key, torch.zeros(shape, dtype=torch.float32))
+            if src == rank and _whole(shape, offset, local_shape, prepend):
+                tensors[key] = views[key][i].data.detach().to(torch.float32, copy=True).reshape(shape)
+                continue  # an unsharded tensor (every tensor at TP1/EP1): one copy, no zeros to fill
             if src == rank:
-                part = views[key][i].data.detach().float()
+                part = views[key][i].data.detach()
             else:
                 part = torch.empty(local_shape, dtype=torch.float32)
                 dist.recv(part, dist.get_global_rank(group, src) if group is not None else src, group=group)
-            full[_slice_of(offset, local_shape, prepend)] = part.reshape(full[_slice_of(offset, local_shape,
-                                                                                          prepend)].shape)
+            if key not in tensors:
+                tensors[key] = torch.zeros(shape, dtype=torch.float32)
+            region = tensors[key][_slice_of(offset, local_shape, prepend)]  # a view: basic indexing only
+            region.copy_(part.reshape(region.shape))
     return tensors
+
+
+def _whole(shape, offset, local_shape, prepend: int) -> bool:
+    """True if one shard is the whole global tensor."""
+    return prepend == 0 and tuple(local_shape) == tuple(shape) and not any(offset)
 
 
 # ------------------------------------------------------------------- buckets
@@ -161,7 +172,8 @@ def plan_push(tensors: dict, wire_dtype: str, bucket_mb: float, exact: dict | No
 
 def pack_bucket(bucket: WeightBucket, tensors) -> torch.Tensor:
     dtype = _WIRE_DTYPES[bucket.dtype]
-    return torch.cat([tensors[k].detach().reshape(-1).to(dtype) for k in bucket.names])
+    with native_torch():
+        return torch.cat([tensors[k].detach().reshape(-1).to(dtype) for k in bucket.names])
 
 
 def unpack_bucket(bucket: WeightBucket, flat: torch.Tensor, shapes) -> dict[str, torch.Tensor]:

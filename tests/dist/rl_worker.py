@@ -237,9 +237,28 @@ def scenario_reference_layouts(case: dict, tmp: Path) -> dict:
         trainer = PolicyTrainer(cfg, groups, 40, routing_replay=False)
         batch = synthetic_batch(cfg, 40)
         results[name] = [trainer.train_step(batch) for _ in range(case.get("steps", 3))]
+        results[f"gather:{name}"] = gather_check(trainer)
+    for name, layout in case.get("gather_layouts", {}).items():
+        cfg, groups = setup(list(layout))
+        results[f"gather:{name}"] = gather_check(PolicyTrainer(cfg, groups, 40, routing_replay=False))
     if "anchor" in case:
         results["anchor"] = reference_anchor(case["layouts"][case["anchor"]], tmp)
     return results
+
+
+def gather_check(trainer) -> dict:
+    """gather_global's global tensors (rank 0), sent back to every rank: each rank's own shards must
+    equal their slice of them, so every element of every tensor is checked by the rank that holds it."""
+    box = [gather_global(trainer.views)]
+    dist.broadcast_object_list(box, src=0)
+    full, counts = box[0], torch.zeros(2, dtype=torch.int64)
+    for key, shards in trainer.views.items():
+        for sh in shards:
+            region = full[key][sh.global_slice()].reshape(sh.data.shape)
+            counts += torch.tensor([int(not torch.equal(region, sh.data.detach().float())), 1])
+    dist.all_reduce(counts)
+    return {"mismatched": int(counts[0]), "shards": int(counts[1]), "keys": len(full),
+            "dtypes": sorted({str(t.dtype) for t in full.values()})}
 
 
 def reference_anchor(layout: list, tmp: Path) -> dict:
