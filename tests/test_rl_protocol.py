@@ -115,6 +115,8 @@ def test_a_batch_is_written_by_column_and_comes_back_exactly():
     # one array per field for all five samples, split at their lengths
     assert sample_columns["response_tokens"]["lengths"] == [1, 3, 5, 7, 9]
     assert sample_columns["response_tokens"]["__ragged__"][1] == [25]
+    # scalar fields are one plain list each
+    assert sample_columns["sample_index"] == {"values": [0, 1, 2, 3, 4]}
     # some samples have no routes or env mask: those fields go item by item
     assert [r is None for r in sample_columns["routed_experts"]["rows"]] == [False, True, False, False, False]
     assert sum(r is None for r in sample_columns["env_mask"]["rows"]) == 4
@@ -133,12 +135,16 @@ def test_forged_columns_are_rejected_with_the_field_named():
     with pytest.raises(ProtocolError, match="Sample.response_tokens column: lengths summing to 7"):
         decode(tampered(lambda c: c["fields"]["response_tokens"].update(lengths=[2, 2, 3])))
     with pytest.raises(ProtocolError, match="Sample.task column: 2 values for 3 items"):
-        decode(tampered(lambda c: c["fields"]["task"].update(rows=["a", "b"])))
+        decode(tampered(lambda c: c["fields"]["task"].update(values=["a", "b"])))
     with pytest.raises(ProtocolError, match="bad item count"):
         decode(tampered(lambda c: c.update(n=0)))
     # every item is still checked by its own schema
     with pytest.raises(ProtocolError, match="Sample.finish_reason = 'eaten'"):
-        decode(tampered(lambda c: c["fields"]["finish_reason"].update(rows=["stop", "eaten", "stop"])))
+        decode(tampered(lambda c: c["fields"]["finish_reason"].update(values=["stop", "eaten", "stop"])))
+    # a plain column carries JSON scalars only: an array descriptor smuggled into one is refused
+    with pytest.raises(ProtocolError, match="Sample.prompt_id column: a plain column holds"):
+        decode(tampered(lambda c: c["fields"]["prompt_id"].update(values=["0:a", {"__array__": ["<i4", [1], 0, 4]},
+                                                                           "2:a"])))
     with pytest.raises(ProtocolError, match="Sample.rollout_logprobs = .*length 2"):
         decode(tampered(lambda c: c["fields"]["rollout_logprobs"].update(lengths=[1, 3, 2])))
 

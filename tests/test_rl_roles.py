@@ -285,6 +285,12 @@ def test_a_failed_weight_sync_is_retried_in_a_new_generation(controller):
     assert plans() == [1, 1]
     ctl._on_sync_done(ends["rollout"][0], SyncDone(1, 1, False, detail="Connection closed by peer"))
     assert plans() == [2, 2]  # same members, new rendezvous namespace
+    # the trainer's report of the same (generation 1) failure comes late: generation 2 is already out, so
+    # no third generation (members working through stale plans would each wait out the others' timeouts)
+    ctl._on_sync_done(ends["trainer"][0], SyncDone(1, 1, False, detail="Connection reset by peer"))
+    ctl._maybe_plan_sync()
+    assert not any(end.poll(0.05) for _, end in ends.values())
+    assert ctl.counters.sync_failures == 2
     ctl._on_sync_done(ends["rollout"][0], SyncDone(1, 2, True))
     ctl._on_weights_ready(WeightsReady(2, ()))
     assert plans() == [2, 2]  # after a success the group is reused
@@ -310,6 +316,38 @@ def test_a_worker_still_loading_weights_gets_its_share_of_the_round(controller):
     second.version = 0
     ctl._issue_prompts()
     assert (len(first.in_flight), len(second.in_flight)) == (2, 2)
+
+
+def test_the_next_rounds_prompts_follow_the_sync_plan_at_once(controller):
+    """A rollout handles its messages in order, so prompts sent right behind a SyncPlan are generated
+    with the planned weights: at lag 0 the next round goes out with the plan, not one round trip later
+    (issue 14's hand-off), split evenly; a failed sync takes the promise back."""
+    from megatron_ernie.rl.control import LockedChannel, SyncDone, SyncPlan
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.protocol import PromptRequest, WeightsReady
+    import multiprocessing
+    import time
+
+    ctl = controller(lag=0, per_step=4)
+    ends = []
+    for role, rank in (("trainer", 0), ("rollout", 0), ("rollout", 1)):
+        ours, theirs = multiprocessing.Pipe()
+        ctl.peers.append(Peer(role, rank, 1, "h", LockedChannel(ours), time.monotonic(), version=0))
+        ends.append(LockedChannel(theirs))
+    ctl.trainer, rollouts = ctl.peers[0], ctl.peers[1:]
+    ctl.issued_useful = ctl.per_step  # round 0 is done: round 1 needs version 1
+    ctl._issue_prompts()
+    assert [len(r.in_flight) for r in rollouts] == [0, 0]
+    ctl._on_weights_ready(WeightsReady(1, ()))  # plans version 1 at once
+    ctl._issue_prompts()
+    assert [len(r.in_flight) for r in rollouts] == [2, 2] and [r.version for r in rollouts] == [0, 0]
+    for end in ends[1:]:
+        kinds = [type(end.recv()) for _ in range(3)]
+        assert kinds == [SyncPlan, PromptRequest, PromptRequest]  # the plan first: loaded before generating
+    ctl._on_sync_done(rollouts[0], SyncDone(1, ctl.generation, False, detail="reset"))
+    assert rollouts[0].next_version == 0 and rollouts[1].next_version == 1
+    ctl._on_sync_done(rollouts[1], SyncDone(1, ctl.generation, True))
+    assert rollouts[1].version == 1
 
 
 def test_samples_travel_as_one_message_per_batch_and_split_among_reward_workers(controller):

@@ -120,6 +120,7 @@ class Peer:
     last_seen: float
     alive: bool = True
     version: int = -1  # rollout: the policy version it serves
+    promised: int = -1  # rollout: the version its last SyncPlan loads (it handles messages in order)
     in_flight: dict = field(default_factory=dict)  # rollout: prompt_id -> (request, round); reward: key -> Sample
     alias: str = ""  # teacher: the [rl.distill] alias it serves (teacher.checkpoints.alias_for_rank)
     ready: bool = False  # teacher: model loaded (TeacherReady), samples may be routed to it
@@ -128,6 +129,12 @@ class Peer:
     @property
     def name(self) -> str:
         return f"{self.role}{self.rank}"
+
+    @property
+    def next_version(self) -> int:
+        """The version a prompt sent now is generated with: a rollout handles its messages in order, so a
+        prompt sent after a SyncPlan waits for that plan's weights (unless the sync fails: see SyncDone)."""
+        return max(self.version, self.promised)
 
     def send(self, message) -> bool:
         try:
@@ -517,13 +524,16 @@ class Controller:
         if not done.ok:
             self.counters.sync_failures += 1
             log.warning(f"{peer.name}: weight sync of version {done.version} failed: {done.detail}")
+            peer.promised = peer.version  # prompts already sent run on the old weights (stale ones are dropped)
+            if done.generation < self.generation:
+                return  # another member's report of the same failure already opened a newer generation
             # Never reuse a generation after a failure: its rendezvous keys in the store still name
             # the old group's sockets, so rebuilding it under the same prefix would wait for them
             # until the connect timeout. The next plan opens a new generation, same members or not.
             self.sync_needed, self.members = True, ()
             return
         if peer.role == "rollout":
-            peer.version = max(peer.version, done.version)
+            peer.version = peer.promised = max(peer.version, done.version)
         else:
             self.metrics.weight_sync(done)
 
@@ -574,7 +584,7 @@ class Controller:
         """One prompt at a time to the least loaded eligible worker, until none can take more."""
         limit = self._prompt_limit(self._alive("rollout"))
         while True:
-            ready = sorted((r for r in self._alive("rollout") if r.version >= 0 and len(r.in_flight) < limit),
+            ready = sorted((r for r in self._alive("rollout") if r.next_version >= 0 and len(r.in_flight) < limit),
                            key=lambda r: len(r.in_flight))
             if not any(self._give_one(rollout) for rollout in ready):  # stops at the first that takes one
                 return
@@ -589,11 +599,11 @@ class Controller:
         every step back to back and the other none.
         """
         newest = -1 if self.latest_ready is None else self.latest_ready.version
-        catching_up = any(r.version < newest for r in rollouts)
+        catching_up = any(r.next_version < newest for r in rollouts)
         return self.system.rollout_batch_prompts * (1 if catching_up else 2)
 
     def _give_one(self, rollout: Peer) -> bool:
-        item = self._next_prompt(rollout.version)
+        item = self._next_prompt(rollout.next_version)
         if item is None:
             return False
         request, round_ = item
@@ -628,6 +638,8 @@ class Controller:
         for rank, peer in enumerate(members):
             peer.send(SyncPlan(self.generation, self.store_host, self.store_port, rank, len(members),
                                self.latest_ready))
+            if peer.role == "rollout":  # the next round's prompts may follow the plan at once (issue 14)
+                peer.promised = self.latest_ready.version
         self.sync_needed = False
 
     @property
