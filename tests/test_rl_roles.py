@@ -350,6 +350,25 @@ def test_the_next_rounds_prompts_follow_the_sync_plan_at_once(controller):
     assert rollouts[1].version == 1
 
 
+def test_an_asynchronous_round_waits_for_the_sync_to_finish(controller):
+    """At lag >= 1 prompts do not follow the plan (measured slower: see Controller._maybe_plan_sync)."""
+    from megatron_ernie.rl.control import LockedChannel
+    from megatron_ernie.rl.controller import Peer
+    from megatron_ernie.rl.protocol import WeightsReady
+    import multiprocessing
+    import time
+
+    ctl = controller(lag=1, per_step=4)
+    for role in ("trainer", "rollout"):
+        ours, _ = multiprocessing.Pipe()
+        ctl.peers.append(Peer(role, 0, 1, "h", LockedChannel(ours), time.monotonic(), version=0))
+    ctl.trainer, rollout = ctl.peers
+    ctl.issued_useful = 2 * ctl.per_step  # rounds 0 and 1 are out: round 2 needs version 1
+    ctl._on_weights_ready(WeightsReady(1, ()))
+    ctl._issue_prompts()
+    assert rollout.next_version == 0 and not rollout.in_flight
+
+
 def test_samples_travel_as_one_message_per_batch_and_split_among_reward_workers(controller):
     """A rollout's batch is one SampleBatch; the controller gives each reward worker one contiguous
     share (one message each) and takes each worker's verdicts back as one ScoredBatch."""
