@@ -621,9 +621,9 @@ class Controller:
             return
         groups = self.buffer.pop_batch(self.per_step)
         samples = tuple(s for group in groups for s in group)
-        self.metrics.batch(self.version, groups)
         trainer.send(TrainBatch(self.version, self.n, samples))
         self.trainer_busy = True
+        self.metrics.batch(self.version, groups)  # while the trainer decodes: off the step's critical path
 
     def _maybe_plan_sync(self) -> None:
         if not self.sync_needed or self.latest_ready is None or self.trainer is None or not self.trainer.alive:
