@@ -233,8 +233,8 @@ def assert_synchronous_chain_in_trace(directory: Path, steps: int) -> None:
     chains = [plan + [("controller0", "send", "PromptRequest", "rollout0")],  # not waiting for SyncDone
               plan + [("rollout0", "recv", "SyncPlan", "controller"), ("rollout0", "send", "SyncDone", "controller"),
                       ("rollout0", "recv", "PromptRequest", "controller"),
-                      ("rollout0", "send", "SampleBatch", "controller"), ("controller0", "send", "TrainBatch", "trainer0"),
-                      ("trainer0", "recv", "TrainBatch", "controller")]]
+                      ("rollout0", "send", "SampleBatch", "controller"),
+                      ("controller0", "send", "TrainBatch", "trainer0"), ("trainer0", "recv", "TrainBatch", "controller")]]
     for chain in chains:
         times = [offsets[key + ("first",)] for key in chain]
         assert times == sorted(times), list(zip(chain, times))
