@@ -230,11 +230,11 @@ def assert_synchronous_chain_in_trace(directory: Path, steps: int) -> None:
                for r in trace.step_timeline(events)[1:]}
     plan = [("trainer0", "send", "WeightsReady", "controller"), ("controller0", "recv", "WeightsReady", "trainer0"),
             ("controller0", "send", "SyncPlan", "rollout0")]
-    chains = [plan + [("controller0", "send", "PromptRequest", "rollout0")],  # not waiting for SyncDone
-              plan + [("rollout0", "recv", "SyncPlan", "controller"), ("rollout0", "send", "SyncDone", "controller"),
-                      ("rollout0", "recv", "PromptRequest", "controller"),
-                      ("rollout0", "send", "SampleBatch", "controller"),
-                      ("controller0", "send", "TrainBatch", "trainer0"), ("trainer0", "recv", "TrainBatch", "controller")]]
+    after_sync = [("rollout0", "recv", "SyncPlan", "controller"), ("rollout0", "send", "SyncDone", "controller"),
+                  ("rollout0", "recv", "PromptRequest", "controller"),
+                  ("rollout0", "send", "SampleBatch", "controller"), ("controller0", "send", "TrainBatch", "trainer0"),
+                  ("trainer0", "recv", "TrainBatch", "controller")]
+    chains = [plan + [("controller0", "send", "PromptRequest", "rollout0")], plan + after_sync]  # no wait for SyncDone
     for chain in chains:
         times = [offsets[key + ("first",)] for key in chain]
         assert times == sorted(times), list(zip(chain, times))
