@@ -524,16 +524,16 @@ class Controller:
         if not done.ok:
             self.counters.sync_failures += 1
             log.warning(f"{peer.name}: weight sync of version {done.version} failed: {done.detail}")
-            peer.promised = peer.version  # prompts already sent run on the old weights (stale ones are dropped)
             if done.generation < self.generation:
                 return  # another member's report of the same failure already opened a newer generation
+            peer.promised = peer.version  # prompts already sent run on the old weights (stale ones are dropped)
             # Never reuse a generation after a failure: its rendezvous keys in the store still name
             # the old group's sockets, so rebuilding it under the same prefix would wait for them
             # until the connect timeout. The next plan opens a new generation, same members or not.
             self.sync_needed, self.members = True, ()
             return
         if peer.role == "rollout":
-            peer.version = peer.promised = max(peer.version, done.version)
+            peer.version = max(peer.version, done.version)  # next_version: a newer plan's promise stands
         else:
             self.metrics.weight_sync(done)
 

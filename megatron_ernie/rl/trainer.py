@@ -50,10 +50,10 @@ class WeightPublisher:
 
     A synchronous run's plan is pushed by the caller itself when nothing else
     waits for rank 0 (`push_or_queue`), else by a background thread, so
-    training goes on while the rollouts receive. Why not always the thread: handing a plan to it cost
-    ~0.8 ms of wake-up on a busy host before the broadcast began, on the
-    critical path of every synchronous step (issue 14). Plans are pushed in
-    the order they came, whoever pushes them.
+    training goes on while the rollouts receive. Why not always the thread:
+    handing a plan to it cost ~0.8 ms of wake-up on a busy host before the
+    broadcast began, on the critical path of every synchronous step (issue
+    14). Plans are pushed in the order they came, whoever pushes them.
     """
 
     def __init__(self, channel, wire_dtype: str, bucket_mb: float, timeout_s: float):
