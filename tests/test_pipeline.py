@@ -263,6 +263,10 @@ def test_plan_has_a_judge_stage_whose_output_rewards_general_rl(tmp_path):
     assert general_cfg.rl.judge.tasks == ("open_ended",)
     assert {"open_ended", "arithmetic", "code"} <= set(general.tasks)  # verifiable domains mixed in
     assert "open_ended" not in stages["opd"].tasks  # no expert owns it: OPD routes only expert domains
+    items = judge.replace("steps = 6", "steps = 6\nset = ['sft.source=\"judge-items\"']")
+    path.write_text(path.read_text().replace(judge, items))
+    items_stage = {s.name: s for s in plan(*load_pipeline(str(path)))}["judge"]
+    assert C.load(items_stage.write_config()).sft.source == "judge-items"  # per-item verdicts kept
 
 
 def test_a_judge_stage_without_tasks_is_refused(tmp_path):

@@ -85,6 +85,11 @@ def test_judge_data_cli_writes_sft_jsonl_with_held_out_lines_last(tmp_path):
     assert [r["index"] for r in lines] == list(range(50, 86))
     assert all(r["prompt"].endswith("\n") and r["response"] in "yn" for r in lines)
     assert read_jsonl(str(out))[0].turns == (("model", lines[0]["response"]),)
+    assert main(["--out", str(out), "--examples", "8", "--valid", "2", "--verdicts", "items"]) == 0
+    items = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in items[::2]] == ["right"] * 5 and {r["kind"] for r in items[1::2]} == {
+        "other_category", "pseudo", "misspelt"}
+    assert all("," not in r["prompt"] and r["prompt"].count(":") == 1 for r in items)
 
 
 def test_sft_source_judge_and_bad_tasks():
@@ -99,6 +104,63 @@ def test_sft_source_judge_and_bad_tasks():
     assert len(train) == 20 and len(valid) == 4 and train[0].turns[0][1] == "y" and train[1].turns[0][1] == "n"
     with pytest.raises(ConfigError, match="rubric tasks only"):
         sft_examples(sft, (TaskConfig(name="arithmetic"),))
+
+
+def test_per_item_judge_data_labels_each_item_by_membership():
+    """Per-item examples ("fruit:" + "plum" -> y): balanced, labelled by membership in the prompt's
+    category, every negative kind present, deterministic; kinds in ITEM_NEGATIVE_KINDS."""
+    from megatron_ernie.config.rl import TaskConfig
+    from megatron_ernie.rl.judge.data import ITEM_NEGATIVE_KINDS, judge_examples
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES, make_example
+
+    task = TaskConfig(name="open_ended", options={"count": 2, "categories": ["fruit", "tool", "color"]}, seed=4)
+    examples = judge_examples((task,), 30, 300, seed=2, verdicts="items")
+    assert sum(e.verdict == "y" for e in examples) == 150
+    assert {e.kind for e in examples} == {"right", *ITEM_NEGATIVE_KINDS}
+    every_word = {w for ws in CATEGORIES.values() for w in ws}
+    for e in examples:
+        category = make_example(task.seed, e.index, dict(task.options)).prompt.split(" ")[1]
+        assert e.prompt == category and "," not in e.response
+        assert (e.verdict == "y") == (e.rubric == 1.0) == (e.response in CATEGORIES[category.rstrip(":")])
+        assert (e.response in every_word) == (e.kind in ("right", "other_category"))
+    again = judge_examples((task,), 30, 300, seed=2, verdicts="items")
+    assert [e.response for e in again] == [e.response for e in examples]
+
+
+def test_per_item_aggregate_with_exact_membership_is_the_rubric():
+    """With p(y) = 1 for words of the category and 0 otherwise, the per-item aggregate IS the rubric, on
+    every kind of whole-answer example (repeats, too many, too few, pseudo-words, partial answers)."""
+    from megatron_ernie.config.rl import TaskConfig
+    from megatron_ernie.rl.judge.data import judge_examples, open_ended_item_questions
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES
+
+    for count in (1, 3, 5):
+        for e in judge_examples((TaskConfig(name="open_ended", options={"count": count}),), 0, 160, seed=count):
+            questions, aggregate = open_ended_item_questions(e.prompt, e.response)
+            exact = [float(item in CATEGORIES[category.rstrip(":")]) for category, item in questions]
+            assert aggregate(exact) == pytest.approx(e.rubric), (e.kind, e.prompt, e.response)
+            assert len(questions) == len(set(q for _, q in questions))
+    assert open_ended_item_questions("two fruit:", "")[1]([]) == 0.0
+
+
+def test_sft_source_judge_items_and_the_pipeline_keeps_it(tmp_path):
+    from megatron_ernie.config.errors import ConfigError
+    from megatron_ernie.config.rl import TaskConfig
+    from megatron_ernie.config.sft import SFTConfig
+    from megatron_ernie.data.sft import sft_examples
+    from megatron_ernie.rl.judge.scorer import judge_verdicts
+
+    sft = SFTConfig(source="judge-items", num_examples=10, valid_examples=4)
+    sft.validate("sft")
+    train, _ = sft_examples(sft, (TaskConfig(name="open_ended"),))
+    assert train[0].prompt.count(":") == 1 and train[0].prompt.endswith("\n") and "," not in train[0].prompt
+    with pytest.raises(ConfigError, match="items judge data is made for rubric tasks only"):
+        sft_examples(sft, (TaskConfig(name="arithmetic"),))
+    with pytest.raises(ConfigError) as err:
+        SFTConfig(source="judge-item").validate("sft")
+    assert err.value.field == "sft.source" and "judge-items" in str(err.value)
+    assert [judge_verdicts(SimpleNamespace(sft=SimpleNamespace(source=s))) for s in
+            ("judge-items", "judge", "tasks", "my.jsonl")] == ["items", "response", "response", "response"]
 
 
 # ------------------------------------------------------------- agreement
@@ -224,6 +286,19 @@ def test_judge_score_equals_p_yes_of_a_direct_forward(judge_checkpoint):
     assert r["statuses"] == ["wrong", "ok", "ok", "ok", "ok"]
 
 
+@pytest.mark.slow
+def test_per_item_judge_score_is_the_count_rule_over_direct_item_answers(judge_checkpoint):
+    """A per-item judge (sft.source = "judge-items") asks one question per distinct item, batched across
+    samples (2 per forward here), and aggregates as the rubric counts: equal to doing it by hand."""
+    r = judge_checkpoint[1]
+    assert r["item_questions"] == [3, 0, 1, 7, 1]  # "red,red" asks once; the cut sample asks about "arm" only
+    for got, want in zip(r["item_scores"], r["item_direct"]):
+        assert abs(got - want) < 1e-6
+    assert r["item_scores"][1] == 0.0 and 0 < r["item_scores"][2] <= 1 / 2  # empty; one distinct of two listed
+    assert r["item_scores"][3] <= 3 / 7 + 1e-9  # seven listed for three asked: diluted like the rubric
+    assert r["item_rubric"] == r["given"]
+
+
 # --------------------------------------------------------------- bad input
 def judge_sets(ckpt: Path, judge, tasks=("open_ended",), *extra: str) -> list[str]:
     sets = [*MODEL, f'checkpoint.load="{ckpt}"', f'rl.judge.checkpoint="{judge}"',
@@ -233,7 +308,7 @@ def judge_sets(ckpt: Path, judge, tasks=("open_ended",), *extra: str) -> list[st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing", "tokenizer", "task", "short_context"])
+@pytest.mark.parametrize("case", ["missing", "tokenizer", "task", "short_context", "items_task"])
 def test_bad_judge_setup_is_refused_before_anything_starts(judge_checkpoint, tmp_path, capsys, case):
     from megatron_ernie.data.char_tokenizer import CharTokenizer
     from megatron_ernie.rl.main import main
@@ -250,6 +325,11 @@ def test_bad_judge_setup_is_refused_before_anything_starts(judge_checkpoint, tmp
     elif case == "task":
         tasks = ("open_ended", "poetry")
         expected = ["rl.judge.tasks", "poetry"]
+    elif case == "items_task":  # a per-item judge cannot split an arithmetic answer into items
+        text = (judge / "config.toml").read_text()
+        (judge / "config.toml").write_text(text.replace('source = "tasks"', 'source = "judge-items"', 1))
+        tasks = ("open_ended", "arithmetic")
+        expected = ["rl.judge.checkpoint", "per-item verdicts", "['arithmetic']"]
     else:
         text = (judge / "config.toml").read_text().replace("seq_length = 40", "seq_length = 20")
         (judge / "config.toml").write_text(text)

@@ -285,6 +285,9 @@ class JudgeConfig:
     checkpoint: a judge checkpoint (an iter_N directory, or a run or checkpoints
       directory whose `latest` is used), trained by SFT to answer "y"/"n" after
       prompt + response + separator (rl/judge/data.py); it must carry the run's tokenizer.
+      One trained with sft.source = "judge-items" answers per listed item instead
+      ("fruit:plum" -> y), and the sample's score is the rubric's count rule over
+      those answers; the judge's own saved config says which.
     tasks: names of rl.tasks whose reward becomes the judge's score p("y" | ...);
       their rubric reward is still computed and logged as judge/rubric_reward.
     watch_window: steps per window of the over-optimisation watch (rl/judge/routing.py:

@@ -19,7 +19,7 @@ OVERLONG = ("truncate", "drop")
 
 @dataclass(frozen=True)
 class SFTConfig:
-    source: str = "tasks"  # "tasks" (rl.tasks demonstrations), "judge" (judge verdicts) or a .jsonl file
+    source: str = "tasks"  # "tasks" (rl.tasks demos), "judge"/"judge-items" (verdicts per answer/item), .jsonl
     num_examples: int = 1024  # training examples drawn from the tasks (source = "tasks"), split by task weight
     valid_examples: int = 64  # held out for validation: tasks: later indices, always correct; jsonl: last lines
     first_index: int = 1_000_000  # task example index of the first demo (RL prompts start at 0: no overlap)
@@ -28,9 +28,10 @@ class SFTConfig:
     overlong: str = "truncate"  # prompt+response+EOT longer than model.seq_length+1: truncate (EOT unsupervised) | drop
 
     def validate(self, path: str) -> None:
-        require(self.source in ("tasks", "judge") or self.source.endswith(".jsonl"), f"{path}.source", self.source,
-                'use "tasks" (demonstrations of rl.tasks), "judge" (rubric-labelled verdicts for the rubric '
-                'tasks of rl.tasks, rl/judge/data.py) or the path of a .jsonl file')
+        require(self.source in ("tasks", "judge", "judge-items") or self.source.endswith(".jsonl"), f"{path}.source",
+                self.source, 'use "tasks" (demonstrations of rl.tasks), "judge" or "judge-items" (rubric-labelled '
+                'verdicts on whole answers or on each listed item, for the rubric tasks of rl.tasks, '
+                'rl/judge/data.py) or the path of a .jsonl file')
         require(self.num_examples >= 1, f"{path}.num_examples", self.num_examples, "use an integer >= 1")
         require(self.valid_examples >= 1, f"{path}.valid_examples", self.valid_examples,
                 "use an integer >= 1 (validation needs held-out examples)")

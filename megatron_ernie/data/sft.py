@@ -254,7 +254,7 @@ def sft_tokenizer(tasks, data_tokenizer: str, base_checkpoint: str, texts):
 def sft_examples(sft: SFTConfig, tasks) -> tuple[list[SFTExample], list[SFTExample]]:
     if sft.source == "tasks":
         return task_examples(sft, tasks), task_examples(sft, tasks, valid=True)
-    if sft.source == "judge":  # a learned judge's training data (rl/judge/data.py)
+    if sft.source in ("judge", "judge-items"):  # a learned judge's training data (rl/judge/data.py)
         from megatron_ernie.rl.judge.data import judge_sft_examples
 
         return judge_sft_examples(sft, tasks)

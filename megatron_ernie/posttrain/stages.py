@@ -86,12 +86,20 @@ def plan(pipeline: PipelineConfig, home: Path) -> list[Stage]:
 
 def _judge_stage(pipeline: PipelineConfig, home: Path, root: Path, sft: Stage) -> Stage | None:
     """The learned judge: SFT from the SFT model (so it shares its tokenizer and its reading of the tasks)
-    on rubric-labelled verdicts for its tasks (`[sft] source = "judge"`, rl/judge/data.py)."""
+    on rubric-labelled verdicts for its tasks (`[sft] source = "judge"`, rl/judge/data.py; a stage
+    config or `set` that chose "judge-items" keeps its per-item verdicts)."""
     if not pipeline.judge.config:
         return None
     stage = _with(pipeline.judge, pipeline.judge.steps, pipeline.judge.tasks)
     return _stage("judge", "sft", pipeline.judge, stage, home, root / "judge", str(sft.output), ("sft",),
-                  {"sft": {"source": "judge", "error_fraction": 0.0}})
+                  {"sft": {"source": _judge_source(stage, home), "error_fraction": 0.0}})
+
+
+def _judge_source(stage: StageConfig, home: Path) -> str:
+    from megatron_ernie.rl.judge.data import VERDICT_FORMATS
+
+    source = apply_overrides(read_toml(_absolute(home, stage.config)), stage.set).get("sft", {}).get("source")
+    return source if source in VERDICT_FORMATS else "judge"
 
 
 def _judged(judge: Stage | None) -> dict:

@@ -20,7 +20,7 @@ import torch
 from megatron_ernie import config as C
 from megatron_ernie.data.char_tokenizer import CharTokenizer
 from megatron_ernie.rl.judge.data import SEPARATOR, judge_text
-from megatron_ernie.rl.judge.scorer import load_judge
+from megatron_ernie.rl.judge.scorer import JudgeScorer, load_judge
 from megatron_ernie.rl.protocol import Sample, ScoredSample
 from megatron_ernie.rl.task_tokenizer import task_texts
 from untrained import save_untrained_checkpoint
@@ -47,17 +47,36 @@ def samples_to_score(tokenizer) -> list[ScoredSample]:
     return out
 
 
-@torch.no_grad()
-def direct_yes(model, tokenizer, scored: ScoredSample, max_length: int) -> float:
+def sample_text(tokenizer, scored: ScoredSample) -> tuple[str, str]:
     s = scored.sample
     response = list(s.response_tokens)
     response = response[: response.index(0)] if 0 in response else response
-    ids = tokenizer.encode(judge_text(tokenizer.decode(s.prompt_tokens), tokenizer.decode(response)))
+    return tokenizer.decode(s.prompt_tokens), tokenizer.decode(response)
+
+
+@torch.no_grad()
+def direct_text_yes(model, tokenizer, text: str, max_length: int) -> float:
+    ids = tokenizer.encode(text)
     if len(ids) > max_length:  # the judge keeps the start and its separator
         ids = ids[: max_length - 1] + ids[-1:]
     tokens = torch.as_tensor(ids, dtype=torch.long)[None]
     logits = model(tokens, torch.arange(tokens.shape[1])[None], None)[0, -1, : tokenizer.vocab_size].float()
     return float(torch.softmax(logits, -1)[tokenizer.encode("y")[0]])
+
+
+def direct_yes(model, tokenizer, scored: ScoredSample, max_length: int) -> float:
+    return direct_text_yes(model, tokenizer, judge_text(*sample_text(tokenizer, scored)), max_length)
+
+
+def direct_items(model, tokenizer, scored: ScoredSample, max_length: int) -> dict:
+    """A per-item judge by hand: p("y") of "CATEGORY:ITEM\n" for each distinct item, one at a time, and
+    the rubric's count rule over them: min(sum, count) / max(count, items listed)."""
+    prompt, response = sample_text(tokenizer, scored)
+    count = ("", "one", "two", "three", "four", "five").index(prompt.split(" ")[0])
+    items = [item.strip() for item in response.split("\n")[0].split(",") if item.strip()]
+    category = prompt.split(" ")[1]  # "fruit:"
+    ps = [direct_text_yes(model, tokenizer, category + item + SEPARATOR, max_length) for item in dict.fromkeys(items)]
+    return {"score": min(sum(ps), count) / max(count, len(items)) if items else 0.0, "questions": len(ps)}
 
 
 def scenario_checkpoint(case: dict, _tmp: Path) -> dict:
@@ -73,12 +92,17 @@ def scenario_checkpoint(case: dict, _tmp: Path) -> dict:
     scorer, _, _ = load_judge(ckpt, "fp32", batch_samples=3, groups=groups)
     judged, _ = scorer.score(samples)
     direct = [direct_yes(engine.model, tokenizer, s, cfg.model.seq_length) for s in samples]
+    items = JudgeScorer(scorer.model, tokenizer, cfg.model.seq_length, batch_samples=2, verdicts="items")
+    judged_items, _ = items.score(samples)
+    by_hand = [direct_items(engine.model, tokenizer, s, cfg.model.seq_length) for s in samples]
     lengths = [len(s.sample.prompt_tokens) + len(s.sample.response_tokens) + 1 for s in samples]
     return {"checkpoint": str(ckpt), "scores": [s.reward for s in judged], "direct": direct,
             "rubric": [s.rubric_reward for s in judged], "given": [s.reward for s in samples],
             "order_ok": [s.sample.prompt_id for s in judged] == [s.sample.prompt_id for s in samples],
             "statuses": [s.status for s in judged], "lengths": lengths,
-            "max_length": cfg.model.seq_length}
+            "max_length": cfg.model.seq_length, "item_scores": [s.reward for s in judged_items],
+            "item_direct": [d["score"] for d in by_hand], "item_questions": [d["questions"] for d in by_hand],
+            "item_rubric": [s.rubric_reward for s in judged_items]}
 
 
 SCENARIOS = {"checkpoint": scenario_checkpoint}

@@ -63,16 +63,12 @@ def agreement(scores: Sequence[float], rubric: Sequence[float], threshold: float
 
 
 def judge_agreement(scorer, tokenizer, examples, batch: int = 64) -> Agreement:
-    """Score JudgeExamples (judge/data.py) with a JudgeScorer and compare with their rubric scores."""
-    from megatron_ernie.rl.judge.data import judge_text
-    from megatron_ernie.rl.judge.scorer import yes_probabilities
-
+    """Score whole-answer JudgeExamples (judge/data.py) with a JudgeScorer, as RL would (a per-item judge
+    through its task's aggregate), and compare with their rubric scores."""
     scores = []
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
-        inputs = [tokenizer.encode(judge_text(e.prompt, e.response))[: scorer.max_seq_length] for e in chunk]
-        scores += yes_probabilities(scorer.model, inputs, scorer.yes_id, tokenizer.vocab_size,
-                                    tokenizer.pad_id).tolist()
+        scores += scorer.text_scores([e.task for e in chunk], [(e.prompt, e.response) for e in chunk])
     return replace(agreement(scores, [e.rubric for e in examples]),
                    by_kind=mean_by_kind([e.kind for e in examples], scores))
 

@@ -41,7 +41,21 @@ def resolve_judge(cfg, run_tokenizer: str) -> JudgeCheckpoint:
     tokenizer = checkpoint_tokenizer(ckpt, FIELD)
     for verdict in (VERDICT_YES, VERDICT_NO):
         verdict_id(tokenizer, verdict, FIELD)
+    _check_item_tasks(judge_cfg, cfg.rl.judge.tasks, ckpt)
     return JudgeCheckpoint(ckpt, sha256)
+
+
+def _check_item_tasks(judge_cfg, tasks, ckpt: Path) -> None:
+    """A per-item judge can score only tasks whose answers split into items (judge/data.py: ITEM_QUESTIONS)."""
+    from megatron_ernie.rl.judge.data import ITEM_QUESTIONS
+    from megatron_ernie.rl.judge.scorer import judge_verdicts
+
+    unknown = [t for t in tasks if t not in ITEM_QUESTIONS]
+    if judge_verdicts(judge_cfg) == "items" and unknown:
+        raise ConfigError(FIELD, str(ckpt), f"it was trained on per-item verdicts (sft.source = \"judge-items\"), "
+                                            f"and only the answers of {sorted(ITEM_QUESTIONS)} split into items, "
+                                            f"not those of rl.judge.tasks {unknown}: judge those with a "
+                                            "whole-answer judge (sft.source = \"judge\")")
 
 
 def check_judge(cfg, agent: bool = False) -> JudgeCheckpoint | None:

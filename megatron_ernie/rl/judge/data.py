@@ -31,10 +31,23 @@ word answers 0.29 after 400 steps, 0.25 after 1200, right answers 0.67-0.70;
 function of (seed, task, index); the held-out examples use the indices
 after the training ones (`split_indices`).
 
+Per-item verdicts (`[sft] source = "judge-items"`, `--verdicts items`): the
+judge is asked one question per listed item, "is ITEM a word of CATEGORY?",
+laid out as judge_text("fruit:", "plum") = "fruit:plum\n" -> "y", and RL
+aggregates its answers with the rubric's own counting rule
+(`item_questions`): score = min(sum of p(y) over the distinct items, count)
+/ max(count, items listed). The learned part is then the one the rubric
+cannot give densely (which strings are words of the category); counting and
+repeats are rules, so they cannot be exploited. A rubric-based checklist
+reward of this kind is what "rubrics as rewards" judges do for open-ended
+answers. Item kinds: a right word (even turns), a word of another category,
+a pseudo-word, a misspelt word (odd turns, cycled: ITEM_NEGATIVE_KINDS).
+
 Use: `ernie judge-data --tasks open_ended --out judge.jsonl --examples 2000
 --valid 200` writes SFT JSONL (held-out lines last, as sft.valid_examples
-expects), or `[sft] source = "judge"` draws the same examples for the
-[[rl.tasks]] of an SFT config (the pipeline's judge stage does that).
+expects), or `[sft] source = "judge"` (or "judge-items") draws the same
+examples for the [[rl.tasks]] of an SFT config (the pipeline's judge stage
+does that).
 """
 
 from __future__ import annotations
@@ -52,6 +65,8 @@ SEPARATOR = "\n"
 VERDICT_YES, VERDICT_NO = "y", "n"
 FIRST_INDEX = 2_000_000  # judge examples: RL prompts start at 0, SFT demos at 1M, evaluation at 10M
 NEGATIVE_KINDS = ("off_category", "repeat", "too_few", "too_many", "near_miss", "misspelt", "pseudo", "partial")
+ITEM_NEGATIVE_KINDS = ("other_category", "pseudo", "misspelt")
+VERDICT_FORMATS = {"judge": "response", "judge-items": "items"}  # [sft] source -> what the judge is asked
 
 
 def judge_text(prompt: str, response: str) -> str:
@@ -139,30 +154,79 @@ def open_ended_example(task_cfg, index: int, kind: str, seed: int, threshold: fl
     return JudgeExample(task_cfg.name, index, example.prompt, response, score, verdict, kind)
 
 
-# Tasks whose reward is a rubric a judge can learn: name -> example maker.
+def _category(prompt: str) -> str:
+    """"three fruit:" -> "fruit"."""
+    return prompt.split(" ", 1)[-1].rstrip(":")
+
+
+def open_ended_item_example(task_cfg, index: int, kind: str, seed: int, threshold: float) -> JudgeExample:
+    """Per-item example `index`: "CATEGORY:" + one item, "y" iff the item is a word of the category."""
+    from megatron_ernie.rl.tasks.open_ended import CATEGORIES, check_options, make_example
+
+    options = check_options(dict(task_cfg.options))
+    category = _category(make_example(task_cfg.seed, index, options).prompt)
+    words, rng = list(CATEGORIES[category]), random.Random(f"judge-item:{seed}:{index}")
+    if kind == "right":
+        item = rng.choice(words)
+    elif kind == "other_category":
+        item = rng.choice(CATEGORIES[rng.choice(sorted(set(CATEGORIES) - {category}))])
+    elif kind == "misspelt":
+        item = _misspelt(rng.choice(words), set(words), rng)
+    else:
+        item = _pseudo_word(words, rng)
+    rubric = float(item in CATEGORIES[category])
+    verdict = VERDICT_YES if rubric >= threshold else VERDICT_NO
+    return JudgeExample(task_cfg.name, index, f"{category}:", item, rubric, verdict, kind)
+
+
+def open_ended_item_questions(prompt: str, response: str):
+    """(questions, aggregate) for a per-item judge: one (prompt, item) question per distinct listed item,
+    and the rubric's rule turning their p(y) into a score (rubric_score with soft membership)."""
+    from megatron_ernie.rl.tasks.open_ended import COUNT_WORDS, response_items
+
+    count_word = prompt.split(" ", 1)[0]
+    count = COUNT_WORDS.index(count_word) if count_word in COUNT_WORDS[1:] else 1
+    items = response_items(response)
+    distinct = list(dict.fromkeys(items))
+    questions = [(f"{_category(prompt)}:", item) for item in distinct]
+
+    def aggregate(probabilities) -> float:
+        return min(sum(probabilities), count) / max(count, len(items)) if items else 0.0
+
+    return questions, aggregate
+
+
+# Tasks whose reward is a rubric a judge can learn: name -> example maker, per verdict format; and the
+# per-item decomposition of a response for the "items" format.
 RUBRIC_TASKS = {"open_ended": open_ended_example}
+ITEM_TASKS = {"open_ended": open_ended_item_example}
+ITEM_QUESTIONS = {"open_ended": open_ended_item_questions}
 
 
-def check_judge_tasks(tasks, field: str) -> None:
+def check_judge_tasks(tasks, field: str, verdicts: str = "response") -> None:
+    known = ITEM_TASKS if verdicts == "items" else RUBRIC_TASKS
     for i, task_cfg in enumerate(tasks):
-        if task_cfg.name not in RUBRIC_TASKS:
+        if task_cfg.name not in known:
             raise ConfigError(f"{field}[{i}].name", task_cfg.name,
-                              f"judge data is made for rubric tasks only: {sorted(RUBRIC_TASKS)}")
+                              f"{verdicts} judge data is made for rubric tasks only: {sorted(known)}")
 
 
-def example_kind(turn: int) -> str:
-    """Even turns are right answers, odd turns cycle through NEGATIVE_KINDS (balanced classes)."""
-    return "right" if turn % 2 == 0 else NEGATIVE_KINDS[(turn // 2) % len(NEGATIVE_KINDS)]
+def example_kind(turn: int, negatives: tuple = NEGATIVE_KINDS) -> str:
+    """Even turns are right answers, odd turns cycle through the negative kinds (balanced classes)."""
+    return "right" if turn % 2 == 0 else negatives[(turn // 2) % len(negatives)]
 
 
-def judge_examples(tasks, start: int, count: int, seed: int = 0, threshold: float = 1.0) -> list[JudgeExample]:
-    """`count` examples with indices start..: index i is task i % len(tasks), kind of turn i // len(tasks)."""
-    check_judge_tasks(tasks, "rl.tasks")
+def judge_examples(tasks, start: int, count: int, seed: int = 0, threshold: float = 1.0,
+                   verdicts: str = "response") -> list[JudgeExample]:
+    """`count` examples with indices start..: index i is task i % len(tasks), kind of turn i // len(tasks);
+    verdicts "response" (one verdict on the whole answer) or "items" (one per item)."""
+    check_judge_tasks(tasks, "rl.tasks", verdicts)
+    makers, negatives = (ITEM_TASKS, ITEM_NEGATIVE_KINDS) if verdicts == "items" else (RUBRIC_TASKS, NEGATIVE_KINDS)
     out = []
     for index in range(start, start + count):
         task_cfg = tasks[index % len(tasks)]
-        kind = example_kind(index // len(tasks))
-        out.append(RUBRIC_TASKS[task_cfg.name](task_cfg, index, kind, seed, threshold))
+        kind = example_kind(index // len(tasks), negatives)
+        out.append(makers[task_cfg.name](task_cfg, index, kind, seed, threshold))
     return out
 
 
@@ -173,17 +237,19 @@ def split_indices(first_index: int, train: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- SFT source
 def judge_sft_examples(sft, tasks):
-    """`[sft] source = "judge"`: (train, valid) SFTExamples of judge verdicts for the rubric tasks of rl.tasks."""
+    """`[sft] source = "judge"` or "judge-items": (train, valid) SFTExamples of judge verdicts for the rubric
+    tasks of rl.tasks."""
     from megatron_ernie.data.sft import SFTExample
 
     first, held_out = split_indices(sft.first_index, sft.num_examples)
+    verdicts = VERDICT_FORMATS[sft.source]
 
     def convert(examples):
         return [SFTExample(judge_text(e.prompt, e.response), (("model", e.verdict),), f"judge:{e.task}")
                 for e in examples]
 
-    return (convert(judge_examples(tasks, first, sft.num_examples, sft.seed)),
-            convert(judge_examples(tasks, held_out, sft.valid_examples, sft.seed)))
+    return (convert(judge_examples(tasks, first, sft.num_examples, sft.seed, verdicts=verdicts)),
+            convert(judge_examples(tasks, held_out, sft.valid_examples, sft.seed, verdicts=verdicts)))
 
 
 # ---------------------------------------------------------------- CLI
@@ -198,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-index", type=int, default=FIRST_INDEX)
     p.add_argument("--seed", type=int, default=0, help="picks the responses (the task seed picks the prompts)")
     p.add_argument("--threshold", type=float, default=1.0, help="rubric score from which the verdict is y")
+    p.add_argument("--verdicts", choices=sorted(set(VERDICT_FORMATS.values())), default="response",
+                   help="one verdict per whole answer, or one per listed item (train with source judge-items)")
     return p
 
 
@@ -218,10 +286,10 @@ def main(argv=None) -> int:
     if not 0 < args.threshold <= 1:
         raise ConfigError("--threshold", args.threshold, "use a rubric score in (0, 1]")
     tasks = _tasks_from(args)
-    check_judge_tasks(tasks, "--tasks" if not args.config else "rl.tasks")
+    check_judge_tasks(tasks, "--tasks" if not args.config else "rl.tasks", args.verdicts)
     first, held_out = split_indices(args.first_index, args.examples)
-    examples = judge_examples(tasks, first, args.examples, args.seed, args.threshold)
-    examples += judge_examples(tasks, held_out, args.valid, args.seed, args.threshold)
+    examples = judge_examples(tasks, first, args.examples, args.seed, args.threshold, args.verdicts)
+    examples += judge_examples(tasks, held_out, args.valid, args.seed, args.threshold, args.verdicts)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         for example in examples:
