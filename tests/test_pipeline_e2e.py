@@ -30,7 +30,8 @@ def pipeline_run(tmp_path_factory):
                         'set=["rl.sampling.max_new_tokens=4"]}, {name="coder", tasks=["code"], steps=2}]',
                "--set", 'pipeline.opd.tasks=["arithmetic", "code"]', "--set", "pipeline.opd.steps=2",
                "--set", "pipeline.judge.steps=2",
-               "--set", 'pipeline.judge.set=["train.eval_interval=0", "checkpoint.save_interval=0"]',
+               "--set", 'pipeline.judge.set=["train.eval_interval=0", "checkpoint.save_interval=0", '
+                        """'sft.source="judge-items"']""",
                "--set", 'pipeline.general.tasks=["arithmetic", "code", "open_ended"]', "--set", "pipeline.general.steps=2",
                "--set", "pipeline.score.prompts=2", "--set", "pipeline.score.samples=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -97,6 +98,7 @@ def test_general_rl_rewards_open_ended_by_the_judge_stage(pipeline_run):
     assert stages["judge"]["input"] == stages["sft"]["output"]
     general = (out / "general" / "stage.toml").read_text()
     assert f'checkpoint = "{stages["judge"]["output"]}"' in general
+    assert 'source = "judge-items"' in (out / "judge" / "stage.toml").read_text()  # the demo's per-item judge
     steps = [json.loads(line) for line in (out / "general" / "rl" / "metrics.jsonl").read_text().splitlines()]
     judged = [step for step in steps if "reward/open_ended" in step]
     assert judged, steps
