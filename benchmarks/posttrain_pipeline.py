@@ -339,6 +339,7 @@ def judge_report(judges: dict) -> str:
     lines = ["\njudge-rubric agreement (held-out verdicts; chance = 0.5):"]
     for seed, j in judges.items():
         lines.append(f"  seed {seed}: " + (f"accuracy {j['accuracy']:.3f}, Pearson r {j['correlation']:.3f}, "
+                                           f"mean |score - rubric| {j.get('mean_abs_error', float('nan')):.3f}, "
                                            f"mean p(y) {j['mean_score_yes']:.3f} (rubric y) vs "
                                            f"{j['mean_score_no']:.3f} (rubric n), {j['examples']} examples"
                                            if j else "no judge stage"))

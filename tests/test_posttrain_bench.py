@@ -97,3 +97,5 @@ def test_judge_report_lists_the_mean_score_by_kind():
     lines = bench.judge_report({1: judged, 2: None}).splitlines()
     assert lines[3] == "    mean p(y) by kind: right 0.70, pseudo 0.29"
     assert lines[4] == "  seed 2: no judge stage"
+    assert "mean |score - rubric| nan" in lines[2]  # a report written before the field existed
+    assert "mean |score - rubric| 0.125" in bench.judge_report({1: {**judged, "mean_abs_error": 0.125}})

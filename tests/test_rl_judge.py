@@ -176,6 +176,8 @@ def test_agreement_on_a_hand_made_case():
         sum((x - mx) ** 2 for x in scores) * sum((y - my) ** 2 for y in rubric))
     assert a.correlation == pytest.approx(r) and 0.7 < a.correlation < 0.9
     assert a.mean_score_yes == pytest.approx(0.85) and a.mean_score_no == pytest.approx(0.3)
+    assert a.mean_abs_error == pytest.approx((0.1 + 0.2 + abs(0.2 - 2 / 3) + abs(0.6 - 1 / 3) + 0.1) / 5)
+    assert "mean |score - rubric| 0.227" in a.line()
     assert agreement([0.4, 0.6], [1.0, 0.0]).accuracy == 0.0
     assert math.isnan(agreement([0.5, 0.5], [1.0, 0.0]).correlation)
     with pytest.raises(ValueError):

@@ -5,7 +5,11 @@ Two numbers, as reward-model papers report them:
                equals the rubric's (rubric score >= threshold);
   correlation: Pearson's r between the judge's score p("y") and the rubric
                score, which also credits the judge for ranking partial answers
-               (2/3 right above 0 right) although it was trained on y/n only.
+               (2/3 right above 0 right) although it was trained on y/n only;
+  mean absolute error between score and rubric score: for a per-item judge,
+               whose score is graded like the rubric (2 of 3 right words ->
+               about 0.67), the accuracy's 0.5 cut calls a good partial score
+               a wrong "y", and this is the fairer number.
 A judge that agrees on held-out data can still be exploited by RL
 (over-optimisation): that is watched in the run (judge/score vs
 judge/rubric_reward), not here.
@@ -30,10 +34,12 @@ class Agreement:
     mean_score_yes: float  # the judge's mean score where the rubric says "y"
     mean_score_no: float
     by_kind: dict = field(default_factory=dict)  # example kind (judge/data.py) -> the judge's mean score
+    mean_abs_error: float = float("nan")  # mean |judge score - rubric score|
 
     def line(self) -> str:
         return (f"judge-rubric agreement on {self.examples} held-out examples: accuracy {self.accuracy:.3f}, "
-                f"Pearson r {self.correlation:.3f}, mean p(y) {self.mean_score_yes:.3f} (rubric y) vs "
+                f"Pearson r {self.correlation:.3f}, mean |score - rubric| {self.mean_abs_error:.3f}, "
+                f"mean p(y) {self.mean_score_yes:.3f} (rubric y) vs "
                 f"{self.mean_score_no:.3f} (rubric n)" + (f"\n  {self.kinds_line()}" if self.by_kind else ""))
 
     def kinds_line(self) -> str:
@@ -59,7 +65,8 @@ def agreement(scores: Sequence[float], rubric: Sequence[float], threshold: float
     yes = [s for s, y in zip(scores, rubric_yes) if y]
     no = [s for s, y in zip(scores, rubric_yes) if not y]
     mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
-    return Agreement(len(scores), hits / len(scores), pearson(list(scores), list(rubric)), mean(yes), mean(no))
+    return Agreement(len(scores), hits / len(scores), pearson(list(scores), list(rubric)), mean(yes), mean(no),
+                     mean_abs_error=mean([abs(s - r) for s, r in zip(scores, rubric)]))
 
 
 def judge_agreement(scorer, tokenizer, examples, batch: int = 64) -> Agreement:
