@@ -35,7 +35,7 @@ Per-item verdicts (`[sft] source = "judge-items"`, `--verdicts items`): the
 judge is asked one question per listed item, "is ITEM a word of CATEGORY?",
 laid out as judge_text("fruit:", "plum") = "fruit:plum\n" -> "y", and RL
 aggregates its answers with the rubric's own counting rule
-(`item_questions`): score = min(sum of p(y) over the distinct items, count)
+(ITEM_QUESTIONS): score = min(sum of p(y) over the distinct items, count)
 / max(count, items listed). The learned part is then the one the rubric
 cannot give densely (which strings are words of the category); counting and
 repeats are rules, so they cannot be exploited. A rubric-based checklist
