@@ -48,12 +48,6 @@ def verdict_id(tokenizer, verdict: str, field: str) -> int:
     return ids[0]
 
 
-def judge_input_ids(tokenizer, prompt_tokens, response_tokens, max_length: int) -> list[int]:
-    """Token ids of judge_text(prompt, response), the response cut at its end-of-text, at most max_length."""
-    return text_input_ids(tokenizer, judge_text(*sample_texts(tokenizer, prompt_tokens, response_tokens)),
-                          max_length)
-
-
 def sample_texts(tokenizer, prompt_tokens, response_tokens) -> tuple[str, str]:
     """(prompt, response) as text, the response cut at its end-of-text."""
     response = [int(t) for t in response_tokens]
